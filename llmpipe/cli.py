@@ -1,0 +1,174 @@
+"""The `llmpipe` command.
+
+    llmpipe run --config FILE [--set k=v]... [--run-dir DIR] [--until STAGE] [--force STAGE]...
+    llmpipe STAGE --config FILE [--run-dir DIR] [--set k=v]...     one stage, no Prefect
+    llmpipe export --run-dir DIR --stage STAGE --out DIR
+    llmpipe generate --run-dir DIR --stage STAGE --prompt TEXT [...]
+    llmpipe serve --config FILE --cron "0 3 * * *"
+
+Only `run` and `serve` reach the orchestration layer (`flows/`), imported lazily: the library
+itself never imports Prefect. Errors that are the user's to fix print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from llmpipe import config as configlib
+from llmpipe.errors import UserError
+from llmpipe.stages import stage_names
+
+EXIT_USER_ERROR = 2
+
+
+def _add_config_args(parser: argparse.ArgumentParser, run_dir_required: bool = False) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (parsed as YAML); repeatable")
+    parser.add_argument("--run-dir", type=Path, required=run_dir_required,
+                        help="run directory (default: runs/<run.name>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmpipe", description="From raw web pages to a trained language model.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the pipeline as a Prefect flow (tracked, cached, resumable)")
+    _add_config_args(run)
+    run.add_argument("--until", choices=stage_names(), help="stop after this stage")
+    run.add_argument("--force", action="append", default=[], choices=stage_names(), metavar="STAGE",
+                     help="rerun this stage even if its cache is valid; repeatable")
+
+    for name in stage_names():
+        stage = commands.add_parser(name, help=f"run the {name} stage alone, without Prefect")
+        _add_config_args(stage)
+
+    export = commands.add_parser("export", help="write a Hugging Face folder from a training stage")
+    export.add_argument("--run-dir", type=Path, required=True)
+    export.add_argument("--stage", default="pretrain", help="the stage whose weights to export")
+    export.add_argument("--out", type=Path, required=True)
+
+    generate = commands.add_parser("generate", help="sample a completion with the KV cache")
+    generate.add_argument("--run-dir", type=Path, required=True)
+    generate.add_argument("--stage", default="pretrain")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--seed", type=int, default=0)
+
+    serve = commands.add_parser("serve", help="register a scheduled deployment (needs `prefect server start`)")
+    _add_config_args(serve)
+    serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
+    serve.add_argument("--name", help="deployment name (default: run.name)")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> configlib.RunConfig:
+    return configlib.load(args.config, args.overrides, args.run_dir)
+
+
+def set_orchestration_defaults() -> None:
+    """Prefect's embedded API keeps its database under the project, with a start-up timeout long
+    enough for a fresh database on 2 cores; MLflow and Prefect stay quiet about telemetry."""
+    os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args)  # fail on a bad config before Prefect starts
+    set_orchestration_defaults()
+    from flows.pipeline import pipeline
+
+    summary = pipeline(config_path=str(args.config), overrides=list(args.overrides),
+                       run_dir=str(args.run_dir) if args.run_dir else None,
+                       until=args.until, force=list(args.force))
+    _print_summary(config, summary)
+    return 0
+
+
+def _print_summary(config: configlib.RunConfig, summary: dict) -> None:
+    from llmpipe.tracking import tracking_uri
+
+    width = max(len(name) for name in summary["stages"])
+    for name, status in summary["stages"].items():
+        print(f"  {name:<{width}}  {status}")
+    uri = tracking_uri(config.run_dir.parent)
+    print(f"\nrun directory: {config.run_dir}")
+    print(f"MLflow run:    {summary['mlflow_run_id']} in {uri}")
+    print(f"  UI:          mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
+    print(f"Prefect run:   {summary['flow_run_id']}")
+    print(f"  UI:          PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start   (then http://127.0.0.1:4200)")
+
+
+def stage_main(name: str, argv: list[str] | None = None) -> None:
+    """Entry point of `python -m <stage module>`: the same as `llmpipe <name> ...`."""
+    sys.exit(main([name, *(sys.argv[1:] if argv is None else argv)]))
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    from llmpipe import stages, tracking
+
+    config = load_config(args)
+    uri = tracking.tracking_uri(config.run_dir.parent)
+    experiment = tracking.init_store(uri, config.run_dir.parent)
+    tracker = tracking.MlflowTracker(uri, experiment, run_name=args.command,
+                                     tags={"llmpipe.stage": args.command, "llmpipe.run": config.run.name})
+    try:
+        manifest = stages.execute(args.command, config, tracker)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close()
+    print(f"{args.command}: done in {manifest['wall_time_s']:.1f}s -> {config.run_dir / args.command}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from llmpipe.export import export_hf
+
+    print(export_hf(args.run_dir, args.stage, args.out))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from llmpipe.generate import generate_text
+
+    print(generate_text(args.run_dir, args.stage, args.prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    set_orchestration_defaults()
+    from flows.pipeline import serve
+
+    serve(config_path=str(args.config.resolve()), overrides=list(args.overrides),
+          run_dir=str(args.run_dir.resolve()) if args.run_dir else None,
+          name=args.name or config.run.name, cron=args.cron)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"run": _run, "export": _export, "generate": _generate, "serve": _serve}.get(args.command, _run_stage)
+    try:
+        return handler(args)
+    except UserError as err:
+        print(f"llmpipe {args.command}: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"llmpipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

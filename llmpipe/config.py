@@ -1,0 +1,271 @@
+"""Run configuration: one pydantic model per stage, loaded from YAML with `--set` overrides.
+
+This is the only module that reads YAML. Every model forbids unknown keys, so a typo fails
+before any work, with one line naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llmpipe.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of this section: the stage's config hash."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _existing_path(value: Path | None) -> Path | None:
+    if value is not None and not Path(value).exists():
+        raise ValueError(f"path does not exist: {value}")
+    return value
+
+
+class RunSection(Section):
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # runs/<name>/
+    seed: int = Field(1337, ge=0)  # every random choice in every stage derives from it
+    run_dir: Path | None = None  # default: runs/<name>
+
+
+class CrawlSection(Section):
+    """Where the raw HTML comes from: a crawl from seeds, existing WARC/WET files, or the local pydoc server."""
+
+    seeds: list[str] = []  # start URLs; empty and no warc_inputs -> crawl a local pydoc server
+    allowed_hosts: list[str] = []  # "host:port" exact, or "host" (+ subdomains, any port); empty -> the seeds' host:port
+    max_pages: int = Field(200, ge=1)  # page budget for the whole crawl (HTML pages written to the WARC)
+    max_depth: int = Field(3, ge=0)  # link hops from a seed
+    warc_inputs: list[str] = []  # existing WARC/WET files (paths or fsspec URLs) used instead of crawling
+    delay_s: float = Field(0.0, ge=0)  # politeness delay between requests to one host (autothrottle's minimum)
+    concurrency_per_host: int = Field(4, ge=1)  # requests in flight per host
+    autothrottle: bool = True  # Scrapy AutoThrottle: slow down when the host's latency grows
+    timeout_s: float = Field(10.0, gt=0)  # per request
+    max_redirects: int = Field(5, ge=0)  # redirect hops per request
+    retries: int = Field(1, ge=0)  # retries of timeouts, connection errors and 5xx
+    max_body_bytes: int = Field(5_000_000, ge=1024)  # larger responses are cut off and dropped
+    obey_robots: bool = True  # honour robots.txt
+    user_agent: str = "llmpipe-crawler (+https://github.com/llmpipe/llmpipe)"  # also the robots.txt agent
+    exclude_url_patterns: list[str] = []  # regexes (re.search on the normalised URL) never fetched
+    max_url_length: int = Field(512, ge=16)  # crawl-trap guard: longer URLs are not followed
+    max_path_segments: int = Field(12, ge=1)  # crawl-trap guard: deeper paths are not followed
+    max_segment_repeats: int = Field(2, ge=1)  # crawl-trap guard: a path segment repeated more often (/a/b/a/b/a)
+    max_query_variants: int = Field(20, ge=1)  # crawl-trap guard: distinct query strings followed per path
+    pydoc_exclude_modules: list[str] = [  # pydoc demo: module pages not crawled (pydoc imports a module to render it)
+        "test", "idlelib", "turtledemo", "antigravity", "this", "tkinter", "turtle", "lib2to3", "ensurepip",
+        "pydoc_data", "__phello__", "__hello__"]
+    pydoc_site_packages: bool = False  # pydoc demo: also document site-packages (default: stdlib only, `python -S`)
+
+
+class PrepareSection(Section):
+    """Extraction, quality filters and deduplication, run by a datatrove executor."""
+
+    executor: Literal["local", "slurm", "ray"] = "local"
+    tasks: int = Field(2, ge=1)  # datatrove tasks (output shards)
+    workers: int = Field(2, ge=1)  # concurrent tasks on the local executor
+    output_format: Literal["jsonl", "parquet"] = "jsonl"
+
+
+class TokenizerSection(Section):
+    """Byte-level BPE trained with `tokenizers`."""
+
+    vocab_size: int = Field(10_000, ge=300, le=1_000_000)  # includes 256 byte tokens and the special tokens
+    min_frequency: int = Field(2, ge=1)  # a merge needs at least this many occurrences
+    input: Path | None = None  # folder of JSONL/Parquet/text documents; default: the prepare stage's output
+    max_chars: int = Field(200_000_000, ge=1)  # training text budget; the rest of the corpus is not read
+
+    _check_input = field_validator("input")(_existing_path)
+
+
+class ShardSection(Section):
+    """Token ids in Arrow IPC shards with a held-out validation split."""
+
+    input: Path | None = None  # folder of documents; default: the prepare stage's output
+    seq_len: int = Field(256, ge=8)  # tokens per Arrow row (the `datasets` view of the stream)
+    tokens_per_shard: int = Field(1 << 20, ge=1024)  # rounded down to a multiple of seq_len
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)  # share of documents held out, chosen by hash
+    batch_docs: int = Field(512, ge=1)  # documents per encode_batch call
+
+    _check_input = field_validator("input")(_existing_path)
+
+
+class ModelSection(Section):
+    """The decoder-only transformer (Llama layout). Owned by llmpipe/model."""
+
+    vocab_size: int = Field(10_000, ge=300)  # >= tokenizer.vocab_size; round up to a multiple of 64 on GPU
+    d_model: int = Field(128, ge=8)  # residual stream width
+    n_layers: int = Field(6, ge=1)  # transformer blocks
+    n_heads: int = Field(8, ge=1)  # query heads; head size = d_model / n_heads, must be even (rotary)
+    n_kv_heads: int | None = None  # grouped-query attention; None -> n_heads
+    d_ff: int = Field(256, ge=8)  # SwiGLU hidden size
+    seq_len: int = Field(256, ge=8)  # context length
+    tie_embeddings: bool = True  # output head shares the input embedding table
+    rope_theta: float = Field(10_000.0, gt=0)  # rotary base
+    norm_eps: float = Field(1e-5, gt=0)  # RMSNorm epsilon
+    init_std: float = Field(0.02, gt=0)  # N(0, init_std) init; residual projections / sqrt(2 * n_layers)
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelSection":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head size d_model/n_heads={self.d_model // self.n_heads} must be even for rotary embeddings")
+        kv = self.n_kv_heads or self.n_heads
+        if kv > self.n_heads or self.n_heads % kv:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={kv}")
+        return self
+
+
+class PretrainSection(Section):
+    """Next-token pretraining on the shards. Owned by llmpipe/training."""
+
+    max_steps: int = Field(200, ge=1)  # optimizer steps
+    batch_tokens: int = Field(8192, ge=1)  # global batch in tokens = micro_batch_size * seq_len * accumulation * ranks
+    micro_batch_size: int = Field(8, ge=1)  # sequences per forward/backward on one rank
+    lr: float = Field(3e-3, gt=0)  # peak learning rate, reached after warmup
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio at max_steps
+    warmup_steps: int = Field(20, ge=0)  # linear warmup from 0 (capped at max_steps)
+    weight_decay: float = Field(0.1, ge=0)  # AdamW decay, on matrices only (not norms)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)  # AdamW epsilon
+    grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 disables clipping
+    eval_every: int = Field(50, ge=0)  # steps between validation losses; 0 = only at the end
+    eval_steps: int = Field(8, ge=1)  # validation micro-batches per evaluation (fixed, unshuffled)
+    checkpoint_every: int = Field(50, ge=0)  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept on disk
+    log_every: int = Field(10, ge=1)  # steps between logged training metrics
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    spike_factor: float = Field(3.0, ge=0)  # stop when loss > factor * running mean; 0 disables (NaN/inf always stop)
+    spike_warmup: int = Field(50, ge=0)  # steps before the spike guard arms
+    peak_flops: float | None = Field(None, gt=0)  # device peak FLOP/s for MFU; None: measured matmul (CPU) or table (GPU)
+
+    @field_validator("spike_factor")
+    @classmethod
+    def _spike(cls, value: float) -> float:
+        if 0 < value <= 1:
+            raise ValueError(f"spike_factor={value} must be 0 (off) or greater than 1")
+        return value
+
+
+class RunConfig(Section):
+    run: RunSection = RunSection()
+    crawl: CrawlSection = CrawlSection()
+    prepare: PrepareSection = PrepareSection()
+    tokenizer: TokenizerSection = TokenizerSection()
+    shard: ShardSection = ShardSection()
+    model: ModelSection = ModelSection()
+    pretrain: PretrainSection = PretrainSection()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        if self.model.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size={self.model.vocab_size} must be >= tokenizer.vocab_size={self.tokenizer.vocab_size}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir if self.run.run_dir is not None else Path("runs") / self.run.name
+
+    def section(self, name: str) -> Section:
+        return getattr(self, name)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`stage.key=value` -> (`stage.key`, value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or "." not in key:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. shard.seq_len=512")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({err.__class__.__name__})") from None
+    return key.strip(), value
+
+
+def _describe(error: dict, model: type[BaseModel]) -> str:
+    """One pydantic error -> `field=value: what is allowed`."""
+    loc = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, error["loc"][:-1])
+        return f"{loc}: unknown key; allowed keys: {', '.join(allowed)}"
+    message = error["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across sections
+        return message
+    value = error.get("input")
+    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    return f"{loc}={shown}: {message}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def validate(tree: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        first = err.errors()[0]
+        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise ConfigError(f"config error: {_describe(first, RunConfig)}{more}") from None
+
+
+def load(path: str | Path, overrides: list[str] = (), run_dir: str | Path | None = None) -> RunConfig:
+    """Read a YAML config, apply `section.key=value` overrides, validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config error: {path}: no such file")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config error: {path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config error: {path}: top level must be a mapping of sections")
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    if run_dir is not None:
+        _set_dotted(tree, "run.run_dir", str(run_dir))
+    return validate(tree)
+
+
+def dump(config: RunConfig) -> str:
+    """The resolved config as YAML, saved next to every stage's outputs."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,5 @@
+"""Errors that are the user's to fix: the CLI prints them as one line, without a traceback."""
+
+
+class UserError(Exception):
+    """Bad config, a missing or corrupt input, a stage run out of order."""

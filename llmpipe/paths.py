@@ -1,0 +1,59 @@
+"""The run directory: the one place that knows where every stage reads and writes.
+
+    runs/<name>/
+      config.yaml                 resolved config of the last run
+      crawl/warc/*.warc.gz        crawl: WARC request/response records
+      prepare/documents/*.jsonl.gz  prepare: extracted, filtered, deduplicated documents
+      tokenizer/tokenizer.json    tokenizer: BPE + tokenizer_config.json (chat template)
+      shard/{train,val}_NNNNN.arrow  shard: token ids, Arrow IPC stream
+      pretrain/checkpoints/step_NNNNNNN/  pretrain: model, optimizer, loader and RNG state
+      <stage>/manifest.json       written last: the stage's completion marker
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    def manifest(self, stage: str) -> Path:
+        return self.stage(stage) / MANIFEST
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def warc_dir(self) -> Path:
+        return self.stage("crawl") / "warc"
+
+    @property
+    def documents_dir(self) -> Path:
+        return self.stage("prepare") / "documents"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.stage("tokenizer")
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.stage("shard")
+
+    def checkpoints_dir(self, phase: str) -> Path:
+        return self.stage(phase) / "checkpoints"
+
+    def prefect_results(self, stage: str) -> Path:
+        """Prefect's persisted task results live inside the stage folder: delete the folder, lose the cache."""
+        return self.stage(stage) / ".prefect"

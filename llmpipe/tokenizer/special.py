@@ -1,0 +1,15 @@
+"""Special tokens shared by the tokenizer, the shards, the model and the chat template.
+
+They take the first ids, in this order, so `EOT_ID == 0` in every tokenizer llmpipe trains.
+"""
+
+EOT = "<|endoftext|>"  # separates documents in the token stream
+PAD = "<|pad|>"
+UNK = "<|unk|>"
+SYSTEM = "<|system|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+END_OF_TURN = "<|end|>"
+
+SPECIAL_TOKENS = [EOT, PAD, UNK, SYSTEM, USER, ASSISTANT, END_OF_TURN]
+EOT_ID, PAD_ID = 0, 1

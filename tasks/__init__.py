@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over the llmpipe library: caching, retries, MLflow runs. No pipeline logic."""

@@ -1,0 +1,45 @@
+"""The flow-level MLflow run (the parent of every stage run) and Prefect server checks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+from llmpipe import tracking
+from llmpipe.config import RunConfig
+from llmpipe.errors import UserError
+
+
+@contextlib.contextmanager
+def pipeline_run(config: RunConfig, flow_run_id: str) -> Iterator[dict]:
+    """Open the parent MLflow run; yield what stage tasks need to attach their child runs."""
+    runs_root = config.run_dir.parent
+    uri = tracking.tracking_uri(runs_root)
+    experiment_id = tracking.init_store(uri, runs_root)  # before any worker process touches the store
+    parent = tracking.MlflowTracker(uri, experiment_id, run_name=f"{config.run.name} pipeline",
+                                    tags={"llmpipe.run": config.run.name, "prefect.flow_run_id": flow_run_id,
+                                          "llmpipe.run_dir": str(config.run_dir.resolve())})
+    parent.log_params({"run.name": config.run.name, "run.seed": config.run.seed})
+    status = "FAILED"
+    try:
+        yield {"uri": uri, "experiment_id": experiment_id, "parent_run_id": parent.run_id}
+        status = "FINISHED"
+    finally:
+        if config.run_dir.joinpath("config.yaml").is_file():
+            parent.log_artifact(config.run_dir / "config.yaml")
+        parent.close(status)
+
+
+def require_prefect_server() -> None:
+    """`serve` registers a deployment: that needs a real, running Prefect server."""
+    import httpx
+
+    url = os.environ.get("PREFECT_API_URL")
+    hint = "start one with `prefect server start` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+    if not url:
+        raise UserError(f"no Prefect server configured (PREFECT_API_URL is unset): {hint}")
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=5).raise_for_status()
+    except httpx.HTTPError as err:
+        raise UserError(f"no Prefect server reachable at {url} ({err.__class__.__name__}): {hint}") from None

@@ -1,0 +1,112 @@
+"""The real Prefect engine and a real MLflow SQLite store: caching, resuming, lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from llmpipe import config as configlib
+from llmpipe.tracking import EXPERIMENT, tracking_uri
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base_overrides(corpus_dir):
+    return [f"tokenizer.input={corpus_dir}", f"shard.input={corpus_dir}", "tokenizer.vocab_size=600",
+            "model.vocab_size=600", "shard.seq_len=64", "shard.tokens_per_shard=4096", "run.name=flowtest"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs") / "flowtest"
+
+
+def _run(run_dir, overrides, **kwargs):
+    from flows.pipeline import pipeline
+
+    return pipeline(config_path="configs/tiny.yaml", overrides=overrides, run_dir=str(run_dir), until="shard", **kwargs)
+
+
+def _children(run_dir, parent_run_id):
+    client = MlflowClient(tracking_uri(run_dir.parent))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {run.data.tags["llmpipe.stage"]: run for run in runs}
+
+
+def test_first_run_executes_and_tracks_every_stage(run_dir, base_overrides):
+    summary = _run(run_dir, base_overrides)
+    assert summary["stages"] == {"tokenizer": "ran", "shard": "ran"}
+    children = _children(run_dir, summary["mlflow_run_id"])
+    shard = children["shard"]
+    manifest = json.loads((run_dir / "shard" / "manifest.json").read_text())
+    assert shard.data.params["shard.seq_len"] == "64"
+    assert shard.data.metrics["train_tokens"] == manifest["counts"]["train_tokens"] > 0
+    assert shard.data.tags["llmpipe.fingerprint"] == manifest["fingerprint"]
+    assert shard.data.tags["prefect.flow_run_id"] == summary["flow_run_id"]
+    assert shard.info.status == "FINISHED"
+    # lineage: the shard run's input is the tokenizer's output, by digest
+    inputs = {d.dataset.name: d.dataset.digest for d in shard.inputs.dataset_inputs}
+    tokenizer_fp = json.loads((run_dir / "tokenizer" / "manifest.json").read_text())["fingerprint"]
+    assert inputs["tokenizer"] == tokenizer_fp[:36]
+    artifacts = MlflowClient(tracking_uri(run_dir.parent)).list_artifacts(shard.info.run_id)
+    assert "manifest.json" in [a.path for a in artifacts]
+
+
+def test_second_run_skips_every_stage(run_dir, base_overrides):
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.arrow")}
+    summary = _run(run_dir, base_overrides)
+    assert summary["stages"] == {"tokenizer": "cached", "shard": "cached"}
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.arrow")} == before
+    children = _children(run_dir, summary["mlflow_run_id"])
+    assert {name: run.data.tags["llmpipe.cached"] for name, run in children.items()} == {"tokenizer": "true", "shard": "true"}
+
+
+def test_changing_shard_config_reruns_only_shard(run_dir, base_overrides):
+    summary = _run(run_dir, [*base_overrides, "shard.seq_len=32"])
+    assert summary["stages"] == {"tokenizer": "cached", "shard": "ran"}
+    assert json.loads((run_dir / "shard" / "manifest.json").read_text())["config"]["shard"]["seq_len"] == 32
+
+
+def test_force_reruns_a_cached_stage(run_dir, base_overrides):
+    summary = _run(run_dir, [*base_overrides, "shard.seq_len=32"], force=["tokenizer"])
+    # same inputs and config give the same tokenizer bytes, so shard stays cached
+    assert summary["stages"] == {"tokenizer": "ran", "shard": "cached"}
+
+
+def test_killed_stage_reruns_alone(run_dir, base_overrides, tmp_path):
+    overrides = [*base_overrides, "shard.seq_len=16"]
+    env = {**os.environ, "LLMPIPE_FAULT": "shard:before_manifest", "PREFECT_HOME": str(tmp_path / "prefect")}
+    args = [sys.executable, "-m", "llmpipe.cli", "run", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
+            "--until", "shard"] + [arg for o in overrides for arg in ("--set", o)]
+    killed = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = killed.communicate(timeout=600)
+    os.killpg(killed.pid, signal.SIGKILL) if _group_alive(killed.pid) else None  # its embedded API server
+    assert killed.returncode == -signal.SIGKILL, out.decode()[-2000:]
+    assert list((run_dir / "shard").glob("*.arrow")), "the stage had written shards when it was killed"
+    assert not (run_dir / "shard" / "manifest.json").exists()
+
+    summary = _run(run_dir, overrides)
+    assert summary["stages"] == {"tokenizer": "cached", "shard": "ran"}
+    manifest = json.loads((run_dir / "shard" / "manifest.json").read_text())
+    assert manifest["config"]["shard"]["seq_len"] == 16
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_config_error_in_flow_names_field(run_dir):
+    with pytest.raises(configlib.ConfigError, match="shard.seq_len"):
+        _run(run_dir, ["shard.seq_len=1"])
