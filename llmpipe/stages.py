@@ -69,7 +69,7 @@ STAGES: dict[str, Stage] = {
               upstream=("prepare",), input_field="input", code=("llmpipe.data.documents",)),
         Stage("shard", "llmpipe.data.shard:shard_stage", ("shard",),
               upstream=("tokenizer", "prepare"), input_field="input",
-              code=("llmpipe.data.documents", "llmpipe.data.shards")),
+              code=("llmpipe.data.documents", "llmpipe.data.shards", "llmpipe.tokenizer")),
         Stage("pretrain", "llmpipe.training.pretrain:pretrain_stage", ("model", "pretrain"),
               upstream=("tokenizer", "shard"), resumable=True,
               code=("llmpipe.model", "llmpipe.training", "llmpipe.data.shards")),

@@ -19,6 +19,7 @@ os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # its shutdown message races pytest closing stderr
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use the SQLite store inside their tmp dirs
 

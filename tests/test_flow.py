@@ -86,10 +86,13 @@ def test_killed_stage_reruns_alone(run_dir, base_overrides, tmp_path):
     env = {**os.environ, "LLMPIPE_FAULT": "shard:before_manifest", "PREFECT_HOME": str(tmp_path / "prefect")}
     args = [sys.executable, "-m", "llmpipe.cli", "run", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
             "--until", "shard"] + [arg for o in overrides for arg in ("--set", o)]
-    killed = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out, _ = killed.communicate(timeout=600)
-    os.killpg(killed.pid, signal.SIGKILL) if _group_alive(killed.pid) else None  # its embedded API server
-    assert killed.returncode == -signal.SIGKILL, out.decode()[-2000:]
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as out:  # a file, not a pipe: the orphaned API server would hold a pipe open
+        killed = subprocess.Popen(args, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        killed.wait(timeout=600)
+    if _group_alive(killed.pid):
+        os.killpg(killed.pid, signal.SIGKILL)  # the embedded API server it left behind
+    assert killed.returncode == -signal.SIGKILL, log.read_text()[-2000:]
     assert list((run_dir / "shard").glob("*.arrow")), "the stage had written shards when it was killed"
     assert not (run_dir / "shard" / "manifest.json").exists()
 

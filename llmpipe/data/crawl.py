@@ -1,0 +1,425 @@
+"""Stage `crawl`: raw HTML as gzipped WARC files, from a polite crawl or from existing WARC/WET files.
+
+Three sources, in this order of precedence:
+  * `crawl.warc_inputs`: existing WARC or WET files (local paths or fsspec URLs such as s3://),
+    the way Common Crawl is consumed; they are copied into crawl/warc (WARC) or crawl/wet (WET).
+  * `crawl.seeds`: a Scrapy crawl (robots.txt, per-host delay/concurrency, autothrottle,
+    timeouts, redirect limit, body size limit, HTML only) run as a subprocess, because Twisted's
+    reactor cannot be restarted inside one process. See `_crawl_scrapy.py`.
+  * neither: a local `python -m pydoc` server on 127.0.0.1 is started and crawled.
+
+Resuming. The WARC files are the crawl's state: every fetched page is a response record carrying
+its crawl depth. A restarted crawl repairs a WARC truncated by a kill, takes every URL in the
+WARCs as fetched, and rebuilds the frontier from the links of the fetched pages, so it works after
+SIGKILL too (Scrapy's JOBDIR queues are only consistent after a graceful stop). URLs that failed
+for good (robots, not HTML, too large, errors) are appended to crawl/.state/skipped.jsonl and not
+retried. Each session writes a new warc/part-NNNNN.warc.gz, one gzip member per record, flushed
+per record. The crawler process gets SIGTERM if the stage process dies (Linux), and the pydoc
+server quits when its stdin closes, so a killed stage leaves nothing running; a resumed pydoc
+crawl reuses the port in crawl/.state/pydoc_port, since the URLs in the WARC carry it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import re
+import subprocess
+import sys
+import time
+import zlib
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+from llmpipe import io
+from llmpipe.config import CrawlSection
+
+DEPTH_HEADER = "LLMPipe-Crawl-Depth"  # WARC extension header on response records: link hops from a seed
+REDIRECTS_HEADER = "LLMPipe-Redirected-From"  # space-separated URLs that redirected to this page
+PART_PATTERN = re.compile(r"^part-(\d{5})\.warc\.gz$")
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+
+
+# --- URLs --------------------------------------------------------------------------------------
+
+
+def normalize_url(url: str) -> str:
+    """One spelling per page: lower-case scheme and host, no default port, no fragment,
+    sorted query arguments, percent-encoding normalised, dot segments resolved, empty path -> /."""
+    from w3lib.url import canonicalize_url
+
+    url = canonicalize_url(url.strip(), keep_fragments=False)
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    port = parts.port
+    if port and not ((parts.scheme == "http" and port == 80) or (parts.scheme == "https" and port == 443)):
+        host = f"{host}:{port}"
+    path = parts.path or "/"
+    if "/." in path:
+        trailing = path.endswith("/")
+        path = posixpath.normpath(path)
+        path = path + "/" if trailing and path != "/" else path
+    return urlunsplit((parts.scheme.lower(), host, path, parts.query, ""))
+
+
+def netloc(url: str) -> str:
+    return urlsplit(normalize_url(url)).netloc
+
+
+def host_allowed(url: str, allowed_hosts: list[str]) -> bool:
+    """`host:port` entries match exactly; bare host names match that host and its subdomains, any port."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return False
+    host, loc = (parts.hostname or "").lower(), parts.netloc.lower()
+    for entry in allowed_hosts:
+        entry = entry.lower()
+        if ":" in entry:
+            if loc == entry:
+                return True
+        elif host == entry or host.endswith("." + entry):
+            return True
+    return False
+
+
+@dataclass
+class TrapGuard:
+    """Rules against crawl traps (endless generated links). `check` returns a reason or None.
+
+    Breadth-first order and `max_depth` already keep a trap from starving shallow pages; these
+    rules stop the classic shapes early: very long URLs, very deep paths, a path segment
+    repeating (relative links resolved against themselves: /a/b/a/b/...), and one path with
+    endless query variants (calendars, sort orders, session ids).
+    """
+
+    max_url_length: int = 512
+    max_path_segments: int = 12
+    max_segment_repeats: int = 2
+    max_query_variants: int = 100
+    _variants: Counter = field(default_factory=Counter)
+
+    def check(self, url: str, record: bool = True) -> str | None:
+        parts = urlsplit(url)
+        segments = [s for s in parts.path.split("/") if s]
+        if len(url) > self.max_url_length:
+            return "trap_url_length"
+        if len(segments) > self.max_path_segments:
+            return "trap_path_depth"
+        if segments and max(Counter(segments).values()) > self.max_segment_repeats:
+            return "trap_repeated_segment"
+        if parts.query:
+            key = f"{parts.netloc}{parts.path}"
+            if self._variants[key] >= self.max_query_variants:
+                return "trap_query_variants"
+            if record:
+                self._variants[key] += 1
+        return None
+
+
+# --- WARC files --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WarcPage:
+    url: str
+    depth: int
+    redirected_from: tuple[str, ...]
+    content_type: str
+    body: bytes
+
+
+def warc_parts(warc_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(warc_dir).glob("part-*.warc.gz") if PART_PATTERN.match(p.name))
+
+
+def complete_gzip_length(path: Path, chunk_size: int = 1 << 20) -> int:
+    """Bytes of `path` that form complete gzip members (our WARCs are one member per record)."""
+    good_end, offset = 0, 0
+    inflater = zlib.decompressobj(wbits=31)
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            data = chunk
+            while data:
+                try:
+                    inflater.decompress(data)
+                except zlib.error:
+                    return good_end
+                if inflater.eof:
+                    consumed = len(data) - len(inflater.unused_data)
+                    offset += consumed
+                    good_end = offset
+                    data = inflater.unused_data
+                    inflater = zlib.decompressobj(wbits=31)
+                else:
+                    offset += len(data)
+                    data = b""
+    return good_end
+
+
+def repair_warc(path: Path) -> int:
+    """Cut a WARC file after its last complete record (a killed writer leaves a partial one).
+
+    Returns the number of bytes removed. A file without one complete record is deleted.
+    """
+    size = path.stat().st_size
+    good_end = complete_gzip_length(path)
+    if good_end == 0:
+        path.unlink()
+        return size
+    if good_end < size:
+        with open(path, "rb+") as f:
+            f.truncate(good_end)
+            os.fsync(f.fileno())
+    return size - good_end
+
+
+def iter_warc_pages(warc_dir: Path) -> Iterator[WarcPage]:
+    """The response records of every part file, in crawl order."""
+    from warcio.archiveiterator import ArchiveIterator
+
+    for path in warc_parts(warc_dir):
+        with open(path, "rb") as f:
+            for record in ArchiveIterator(f):
+                if record.rec_type != "response":
+                    continue
+                headers = record.rec_headers
+                http = record.http_headers
+                yield WarcPage(
+                    url=headers.get_header("WARC-Target-URI"),
+                    depth=int(headers.get_header(DEPTH_HEADER) or 0),
+                    redirected_from=tuple((headers.get_header(REDIRECTS_HEADER) or "").split()),
+                    content_type=(http.get_header("Content-Type") or "") if http else "",
+                    body=record.content_stream().read(),
+                )
+
+
+def warc_summary(warc_dir: Path) -> dict:
+    pages, urls, html_bytes = 0, set(), 0
+    for page in iter_warc_pages(warc_dir):
+        pages += 1
+        urls.add(normalize_url(page.url))
+        html_bytes += len(page.body)
+    files = warc_parts(warc_dir)
+    return {"pages": pages, "unique_urls": len(urls), "html_bytes": html_bytes,
+            "warc_files": len(files), "warc_bytes": sum(p.stat().st_size for p in files)}
+
+
+# --- running a crawl ---------------------------------------------------------------------------
+
+
+@dataclass
+class CrawlJob:
+    """Everything the crawler subprocess needs, written to <state_dir>/job.json."""
+
+    seeds: list[str]
+    allowed_hosts: list[str]
+    warc_dir: str
+    state_dir: str
+    max_pages: int = 200
+    max_depth: int = 3
+    delay_s: float = 0.0
+    concurrency_per_host: int = 4
+    autothrottle: bool = True
+    timeout_s: float = 10.0
+    max_redirects: int = 5
+    retries: int = 1
+    max_body_bytes: int = 5_000_000
+    obey_robots: bool = True
+    user_agent: str = "llmpipe-crawler"
+    exclude_url_patterns: list[str] = field(default_factory=list)
+    max_url_length: int = 512
+    max_path_segments: int = 12
+    max_segment_repeats: int = 2
+    max_query_variants: int = 100
+
+    @classmethod
+    def from_section(cls, cfg: CrawlSection, seeds: list[str], warc_dir: Path, state_dir: Path,
+                     extra_excludes: list[str] = ()) -> "CrawlJob":
+        seeds = [normalize_url(s) for s in seeds]
+        return cls(
+            seeds=seeds, allowed_hosts=list(cfg.allowed_hosts) or sorted({netloc(s) for s in seeds}),
+            warc_dir=str(warc_dir), state_dir=str(state_dir), max_pages=cfg.max_pages,
+            max_depth=cfg.max_depth, delay_s=cfg.delay_s, concurrency_per_host=cfg.concurrency_per_host,
+            autothrottle=cfg.autothrottle, timeout_s=cfg.timeout_s, max_redirects=cfg.max_redirects,
+            retries=cfg.retries, max_body_bytes=cfg.max_body_bytes, obey_robots=cfg.obey_robots,
+            user_agent=cfg.user_agent, exclude_url_patterns=[*cfg.exclude_url_patterns, *extra_excludes],
+            max_url_length=cfg.max_url_length, max_path_segments=cfg.max_path_segments,
+            max_segment_repeats=cfg.max_segment_repeats, max_query_variants=cfg.max_query_variants)
+
+    def write(self) -> Path:
+        path = Path(self.state_dir) / "job.json"
+        io.write_json(path, asdict(self))
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> "CrawlJob":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def crawler_command(job_path: Path) -> list[str]:
+    return [sys.executable, "-m", "llmpipe.data._crawl_scrapy", str(job_path)]
+
+
+def _die_with_parent() -> None:
+    """Linux: the crawler gets SIGTERM (a graceful Scrapy stop) if the stage process dies, so a
+    killed stage never leaves a crawler writing to the WARC behind a restarted one."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_crawl(job: CrawlJob, timeout_s: float | None = None) -> dict:
+    """Run (or resume) the crawl in a subprocess; return that session's summary.
+
+    The child is terminated (SIGTERM: Scrapy stops gracefully) if this process is interrupted.
+    """
+    Path(job.state_dir).mkdir(parents=True, exist_ok=True)
+    Path(job.warc_dir).mkdir(parents=True, exist_ok=True)
+    job_path = job.write()
+    before = {p.name for p in Path(job.state_dir).glob("session-*.json")}
+    proc = subprocess.Popen(crawler_command(job_path), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"crawler subprocess failed with exit code {rc} (job {job_path})")
+    new = sorted(p for p in Path(job.state_dir).glob("session-*.json") if p.name not in before)
+    return json.loads(new[-1].read_text()) if new else {}
+
+
+# --- existing WARC / WET inputs ----------------------------------------------------------------
+
+
+def _input_kind(url: str) -> str:
+    name = url.rsplit("/", 1)[-1].lower()
+    return "wet" if ".wet" in name else "warc"
+
+
+def ingest_warc_inputs(inputs: list[str], out_dir: Path) -> dict:
+    """Copy WARC files to out_dir/warc and WET files to out_dir/wet byte for byte, streaming via fsspec.
+
+    Compression is kept as it is (Common Crawl's per-record gzip stays seekable). A copy that was
+    completed by an earlier, interrupted run of the stage is kept.
+    """
+    import fsspec
+
+    counts = Counter()
+    for i, url in enumerate(inputs):
+        kind = _input_kind(url)
+        base = url.rstrip("/").rsplit("/", 1)[-1]
+        gz = base.lower().endswith(".gz")
+        stem = re.sub(r"(\.(warc|wet))?(\.gz)?$", "", base, flags=re.IGNORECASE)
+        suffix = f".{kind}.gz" if gz else f".{kind}"
+        target = out_dir / kind / f"input-{i:05d}-{re.sub(r'[^A-Za-z0-9._-]', '_', stem)}{suffix}"
+        marker = out_dir / ".state" / f"{target.name}.done"
+        if not (target.is_file() and marker.is_file()):
+            with fsspec.open(url, "rb") as src, io.atomic_path(target) as tmp, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            io.write_text(marker, url)
+        counts[f"{kind}_files"] += 1
+        counts["input_bytes"] += target.stat().st_size
+    return dict(counts)
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+
+def crawl_stage(ctx, cfg: CrawlSection) -> dict:
+    out_dir = Path(ctx.out_dir)
+    state_dir = out_dir / ".state"
+    warc_dir = ctx.run_dir.warc_dir
+    if cfg.warc_inputs:
+        counts = ingest_warc_inputs(list(cfg.warc_inputs), out_dir)
+        return {**counts, "source": "warc_inputs", "inputs": list(cfg.warc_inputs)}
+
+    t0 = time.perf_counter()
+    if cfg.seeds:
+        job = CrawlJob.from_section(cfg, list(cfg.seeds), warc_dir, state_dir)
+        session = run_crawl(job)
+        source = "seeds"
+    else:
+        session, job = _crawl_pydoc(cfg, warc_dir, state_dir)
+        source = "pydoc"
+    wall = time.perf_counter() - t0
+    summary = warc_summary(warc_dir)
+    fetched = session.get("pages_written", 0)
+    return {
+        "pages_fetched": summary["pages"],
+        "pages_this_session": fetched,
+        "unique_urls": summary["unique_urls"],
+        "html_bytes": summary["html_bytes"],
+        "warc_bytes": summary["warc_bytes"],
+        "warc_files": summary["warc_files"],
+        "pages_per_s": round(fetched / wall, 3) if wall > 0 else 0.0,
+        "skipped": _skipped_all_sessions(state_dir),
+        "source": source,
+        "seeds": job.seeds,
+        "allowed_hosts": job.allowed_hosts,
+    }
+
+
+def _skipped_all_sessions(state_dir: Path) -> dict[str, int]:
+    """Skip reasons summed over every session of this crawl (a resumed crawl has several)."""
+    total: Counter = Counter()
+    for path in sorted(state_dir.glob("session-*.json")):
+        total.update(json.loads(path.read_text()).get("skipped", {}))
+    return dict(total)
+
+
+def _crawl_pydoc(cfg: CrawlSection, warc_dir: Path, state_dir: Path) -> tuple[dict, CrawlJob]:
+    """Crawl a local pydoc server. Its port is kept in .state/pydoc_port so a resumed crawl
+    (whose WARC URLs carry that port) gets the same one; if it is taken, the crawl starts over."""
+    from llmpipe.data.pydoc_server import exclusion_patterns, pydoc_server
+
+    port_file = state_dir / "pydoc_port"
+    port = int(port_file.read_text()) if port_file.is_file() else 0
+    if port and not _port_free(port):
+        _reset_crawl_state(warc_dir, state_dir)
+        port = 0
+    with pydoc_server(port=port, site_packages=cfg.pydoc_site_packages) as base:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        io.write_text(port_file, str(urlsplit(base).port))
+        job = CrawlJob.from_section(cfg, [base], warc_dir, state_dir,
+                                    extra_excludes=exclusion_patterns(list(cfg.pydoc_exclude_modules)))
+        return run_crawl(job), job
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as pydoc's server does: TIME_WAIT is fine
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _reset_crawl_state(warc_dir: Path, state_dir: Path) -> None:
+    for path in warc_parts(warc_dir):
+        path.unlink()
+    for path in state_dir.glob("*"):
+        if path.is_file():
+            path.unlink()
+
+
+if __name__ == "__main__":
+    from llmpipe.cli import stage_main
+
+    stage_main("crawl")

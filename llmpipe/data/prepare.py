@@ -1,0 +1,292 @@
+"""Stage `prepare`: WARC -> text -> quality filters -> exact dedup -> MinHash dedup -> documents.
+
+Every step is a datatrove pipeline step, run by a datatrove executor (local by default; Slurm or
+Ray from the config). The work is split into datatrove jobs, each with its own logging folder,
+where the executor writes one completion marker per rank, so a rerun skips finished ranks:
+
+  1. extract   (tasks)      WarcReader -> Trafilatura [-> WET reader] -> filters -> JSONL   .work/filtered
+  2. exact     (tasks, 1, tasks)   ExactDedupSignature, ExactFindDedups, ExactDedupFilter   .work/exact_deduped
+  3. minhash   (tasks, buckets, 1) MinhashDedupSignature, MinhashDedupBuckets, MinhashDedupCluster
+  4. write     (tasks)      MinhashDedupFilter -> JsonlWriter / ParquetWriter              prepare/documents
+
+Bookkeeping lives under prepare/.datatrove/<hash>/ where <hash> covers the config and the input:
+datatrove's completion markers do not look at the pipeline's settings, so a changed threshold must
+get a fresh folder. Drop counts per filter and per dedup step come from datatrove's per-rank stats.
+
+Clusters: `prepare.executor: slurm` runs the same jobs as a chain of sbatch arrays
+(datatrove's SlurmPipelineExecutor, `prepare.slurm.*`; the run directory must be on a shared
+filesystem) and waits for the last one; `prepare.executor: ray` runs them on the Ray cluster
+that `ray.init(prepare.ray.address)` joins (`pip install ray`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from datatrove.data import Document
+from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
+from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
+                                                  ExactFindDedups)
+from datatrove.pipeline.dedup.minhash import MinhashConfig as DatatroveMinhashConfig
+from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
+from datatrove.pipeline.extractors import Trafilatura
+from datatrove.pipeline.readers import JsonlReader, WarcReader
+from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
+from datatrove.utils.hashing import HashConfig
+
+from llmpipe.config import PrepareSection
+from llmpipe.data import filters as F
+
+
+def normalized_text(doc: Document) -> str:
+    """What exact dedup compares: the text with all whitespace runs collapsed."""
+    return " ".join(doc.text.split())
+
+
+class RecordShardedWarcReader(WarcReader):
+    """WarcReader that, with fewer files than tasks, splits the records (not the files) across ranks.
+
+    A crawl session writes one WARC file; without this, one task would do all the extraction.
+    """
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        files = self.data_folder.get_shard(0, 1, recursive=self.recursive, glob_pattern=self.glob_pattern)
+        if len(files) >= world_size:
+            yield from super().run(data, rank, world_size)
+            return
+        if data:
+            yield from data
+        for i, doc in enumerate(self.read_files_shard(files)):
+            if i % world_size == rank:
+                self.update_doc_stats(doc)
+                yield doc
+
+
+def _has_files(folder: Path, pattern: str) -> bool:
+    return folder.is_dir() and any(folder.glob(pattern))
+
+
+def work_hash(cfg: PrepareSection, inputs: list[Path]) -> str:
+    """Config + input file names and sizes: the key of the datatrove bookkeeping folder."""
+    listing = sorted((str(p), p.stat().st_size) for folder in inputs if folder.is_dir()
+                     for p in folder.rglob("*") if p.is_file())
+    blob = json.dumps({"config": cfg.digest(), "inputs": listing}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --- executors ---------------------------------------------------------------------------------
+
+
+def _warm_up() -> None:
+    """Load spaCy's blank English tokenizer once here: forked workers inherit it (saves seconds per job)."""
+    from datatrove.utils.word_tokenizers import load_word_tokenizer
+
+    load_word_tokenizer("en").word_tokenize("Warm up the tokenizer.")
+
+
+class Runner:
+    """Builds and runs datatrove executors of the configured kind; remembers wall time per job."""
+
+    def __init__(self, cfg: PrepareSection, logs: Path):
+        self.cfg = cfg
+        self.logs = logs
+        self.seconds: dict[str, float] = {}
+        self._last = None  # slurm: the previous job, for depends=
+        if cfg.executor == "local":
+            _warm_up()
+
+    def run(self, name: str, pipeline: list, tasks: int, workers: int | None = None) -> None:
+        workers = min(workers or self.cfg.workers, tasks)
+        logging_dir = str(self.logs / name)
+        t0 = time.perf_counter()
+        if self.cfg.executor == "local":
+            from datatrove.executor import LocalPipelineExecutor
+
+            # fork: workers inherit the parent's imports; forkserver would re-import __main__
+            LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir,
+                                  start_method="fork").run()
+        elif self.cfg.executor == "ray":
+            import ray
+            from datatrove.executor.ray import RayPipelineExecutor
+
+            if not ray.is_initialized():
+                ray.init(address=self.cfg.ray.address, ignore_reinit_error=True)
+            RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir,
+                                cpus_per_task=self.cfg.ray.cpus_per_task,
+                                mem_per_cpu_gb=self.cfg.ray.mem_per_cpu_gb).run()
+        else:
+            self._submit_slurm(name, pipeline, tasks, workers, logging_dir)
+            return
+        self.seconds[name] = time.perf_counter() - t0
+
+    def _submit_slurm(self, name, pipeline, tasks, workers, logging_dir) -> None:
+        import sys
+
+        from datatrove.executor import SlurmPipelineExecutor
+
+        s = self.cfg.slurm
+        venv = s.venv_path or (sys.prefix if sys.prefix != sys.base_prefix else None)
+        self._last = SlurmPipelineExecutor(
+            pipeline, tasks=tasks, workers=workers, time=s.time, partition=s.partition,
+            cpus_per_task=s.cpus_per_task, mem_per_cpu_gb=s.mem_per_cpu_gb, venv_path=venv,
+            sbatch_args=dict(s.sbatch_args) or None, job_name=f"llmpipe-prepare-{name}",
+            logging_dir=logging_dir, depends=self._last)
+
+    def finish(self, poll_s: float = 30.0) -> None:
+        """Slurm: submit the chain (the last job launches its dependencies) and wait for it."""
+        if self._last is None:
+            return
+        t0 = time.perf_counter()
+        self._last.run()
+        while self._last.get_incomplete_ranks():
+            time.sleep(poll_s)
+        self.seconds["slurm_total"] = time.perf_counter() - t0
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+
+
+def run_prepare(cfg: PrepareSection, warc_dir: Path, wet_dir: Path | None, documents_dir: Path,
+                work_dir: Path) -> dict:
+    """Run the whole prepare pipeline; return counts for the manifest."""
+    logs, data = work_dir / "logs", work_dir / "data"
+    runner = Runner(cfg, logs)
+    filter_steps = F.build_filters(cfg)
+
+    # 1. read, extract, filter
+    pipeline: list = []
+    if _has_files(warc_dir, "*.warc*"):
+        pipeline += [RecordShardedWarcReader(str(warc_dir), glob_pattern="*.warc*", default_metadata={"source": "warc"}),
+                     Trafilatura(favour_precision=cfg.favour_precision, timeout=cfg.extract_timeout_s)]
+    if wet_dir is not None and _has_files(wet_dir, "*.wet*"):
+        pipeline.append(RecordShardedWarcReader(str(wet_dir), glob_pattern="*.wet*",
+                                                default_metadata={"source": "wet"}))
+    if not pipeline:
+        raise FileNotFoundError(f"prepare: no WARC files in {warc_dir} and no WET files in {wet_dir}")
+    pipeline += [step for _, step in filter_steps]
+    pipeline.append(JsonlWriter(str(data / "filtered"), output_filename="${rank}.jsonl.gz"))
+    runner.run("extract_filter", pipeline, cfg.tasks)
+
+    deduplicate(cfg, runner, data / "filtered", documents_dir, data)
+    runner.finish()
+    return collect_counts(logs, [name for name, _ in filter_steps], documents_dir, runner.seconds)
+
+
+def deduplicate(cfg: PrepareSection, runner: Runner, input_dir: Path, documents_dir: Path, data: Path) -> None:
+    """Exact dedup, then MinHash (signatures, LSH buckets, clusters, filter), then write the documents."""
+    tasks, current = cfg.tasks, input_dir
+    if cfg.exact_dedup:
+        exact = ExactDedupConfig(content_getter=normalized_text, hash_config=HashConfig(precision=64))
+        runner.run("exact_signature", [JsonlReader(str(current)),
+                                       ExactDedupSignature(str(data / "exact" / "sigs"), exact, finder_workers=1)], tasks)
+        runner.run("exact_find", [ExactFindDedups(str(data / "exact" / "sigs"), str(data / "exact" / "dups"),
+                                                  exact)], 1)
+        runner.run("exact_filter", [JsonlReader(str(current)), ExactDedupFilter(str(data / "exact" / "dups"), exact),
+                                    JsonlWriter(str(data / "exact_deduped"), output_filename="${rank}.jsonl.gz")],
+                   tasks)
+        current = data / "exact_deduped"
+
+    final: list = [JsonlReader(str(current))]
+    if cfg.minhash.enabled:
+        m = cfg.minhash
+        mh = DatatroveMinhashConfig(n_grams=m.n_grams, num_buckets=m.num_buckets,
+                                    hashes_per_bucket=m.hashes_per_bucket, seed=m.seed,
+                                    hash_config=HashConfig(precision=64))
+        runner.run("minhash_signature", [JsonlReader(str(current)),
+                                         MinhashDedupSignature(str(data / "minhash" / "sigs"), config=mh)], tasks)
+        runner.run("minhash_buckets", [MinhashDedupBuckets(str(data / "minhash" / "sigs"),
+                                                           str(data / "minhash" / "buckets"), config=mh)],
+                   m.num_buckets)
+        runner.run("minhash_cluster", [MinhashDedupCluster(str(data / "minhash" / "buckets"),
+                                                           str(data / "minhash" / "remove"), config=mh)], 1)
+        final.append(MinhashDedupFilter(str(data / "minhash" / "remove")))
+    if cfg.output_format == "parquet":
+        final.append(ParquetWriter(str(documents_dir), output_filename="${rank}.parquet"))
+    else:
+        final.append(JsonlWriter(str(documents_dir), output_filename="${rank}.jsonl.gz"))
+    runner.run("write", final, tasks)
+
+
+# --- counts ------------------------------------------------------------------------------------
+
+
+def _step(stats: list, name: str):
+    return next((s for s in stats if s.name.endswith(name)), None)
+
+
+def collect_counts(logs: Path, filter_names: list[str], documents_dir: Path, seconds: dict) -> dict:
+    """The funnel (documents kept after each step), drop reasons per filter, output size, timings."""
+    extract_stats = F.read_stats(logs / "extract_filter")
+    counts: dict = {}
+    funnel: dict = {}
+    extractor = _step(extract_stats, Trafilatura.name)
+    if extractor is not None:
+        ex = F.step_counts(extractor)
+        values = {k: int(F.metric_value(v)) for k, v in extractor.stats.items()}
+        reasons = {"empty": values.get("dropped", 0), **{k: values[k] for k in ("timeout", "broken_process",
+                                                                              "clean_error") if k in values}}
+        counts["pages_in"] = ex["in"]
+        counts["extract"] = {"in": ex["in"], "kept": ex["kept"], "dropped": ex["in"] - ex["kept"],
+                             "reasons": {k: n for k, n in reasons.items() if n}}
+        funnel["extracted"] = ex["kept"]
+    filters = F.filter_counts(extract_stats, filter_names)
+    for name, c in filters.items():
+        funnel[name] = c["kept"]
+    counts["filters"] = filters
+    for job, step_name, key in (("exact_filter", ExactDedupFilter.name, "exact_dedup"),
+                                ("write", MinhashDedupFilter.name, "minhash_dedup")):
+        step = _step(F.read_stats(logs / job), step_name) if (logs / job).is_dir() else None
+        if step is not None:
+            c = F.step_counts(step)
+            c["dropped"] = c["in"] - c["kept"]
+            counts[key] = {k: v for k, v in c.items() if k != "reasons"}
+            funnel[key] = c["kept"]
+    docs, text_bytes, files = count_documents(documents_dir)
+    funnel["written"] = docs
+    counts.update({"kept_after": funnel, "documents": docs, "text_bytes": text_bytes, "output_files": files,
+                   "timing_s": {k: round(v, 3) for k, v in seconds.items()}})
+    return counts
+
+
+def count_documents(folder: Path) -> tuple[int, int, int]:
+    """(documents, UTF-8 bytes of text, files) of a folder of .jsonl.gz or .parquet documents."""
+    docs = text_bytes = files = 0
+    for path in sorted(Path(folder).glob("*")):
+        if path.name.endswith(".jsonl.gz"):
+            files += 1
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                for line in f:
+                    docs += 1
+                    text_bytes += len(json.loads(line)["text"].encode())
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            files += 1
+            column = pq.read_table(path, columns=["text"]).column("text")
+            docs += len(column)
+            text_bytes += sum(len(t.encode()) for t in column.to_pylist())
+    return docs, text_bytes, files
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+
+def prepare_stage(ctx, cfg: PrepareSection) -> dict:
+    crawl_dir = ctx.run_dir.stage("crawl")
+    warc_dir, wet_dir = ctx.run_dir.warc_dir, crawl_dir / "wet"
+    work_dir = Path(ctx.out_dir) / ".datatrove" / work_hash(cfg, [warc_dir, wet_dir])
+    documents_dir = ctx.run_dir.documents_dir
+    counts = run_prepare(cfg, warc_dir, wet_dir, documents_dir, work_dir)
+    counts["executor"] = cfg.executor
+    counts["output_format"] = cfg.output_format
+    return counts
+
+
+if __name__ == "__main__":
+    from llmpipe.cli import stage_main
+
+    stage_main("prepare")
