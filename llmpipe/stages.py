@@ -152,11 +152,11 @@ def input_fingerprints(stage: Stage, config: RunConfig) -> dict[str, str]:
     return prints
 
 
-def cache_key(stage: Stage, config: RunConfig, inputs: dict[str, str] | None = None) -> str:
+def cache_key(stage: Stage, config: RunConfig, inputs: dict[str, str] | None = None, code: str | None = None) -> str:
     """What decides whether a stage's outputs are current: its config, its inputs and its code."""
     inputs = input_fingerprints(stage, config) if inputs is None else inputs
     return _sha256_json({"stage": stage.name, "config": config_hash(stage, config),
-                         "inputs": inputs, "code": code_version(stage)})
+                         "inputs": inputs, "code": code or code_version(stage)})
 
 
 def is_current(name: str, config: RunConfig, key: str) -> bool:
@@ -243,8 +243,8 @@ def execute(name: str, config: RunConfig, tracker: Tracker | None = None) -> dic
     if name not in STAGES:
         raise StageError(f"unknown stage {name!r}; stages: {', '.join(stage_names())}")
     stage, run_dir, tracker = STAGES[name], RunDir(config.run_dir), tracker or NullTracker()
-    inputs = input_fingerprints(stage, config)
-    key = cache_key(stage, config, inputs)
+    inputs, code = input_fingerprints(stage, config), code_version(stage)
+    key = cache_key(stage, config, inputs, code)
     out_dir = run_dir.stage(name)
     _prepare_out_dir(stage, out_dir, key)
     run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -269,7 +269,7 @@ def execute(name: str, config: RunConfig, tracker: Tracker | None = None) -> dic
         "seed": config.run.seed,
         "config_hash": config_hash(stage, config),
         "inputs": inputs,
-        "code_version": code_version(stage),
+        "code_version": code,
         "cache_key": key,
         "git_commit": _git_commit(),
         "packages": _package_versions(),

@@ -37,6 +37,7 @@ from scrapy.spidermiddlewares.httperror import HttpError
 
 from llmpipe.data.crawl import (DEPTH_HEADER, HTML_TYPES, PART_PATTERN, REDIRECTS_HEADER, CrawlJob, TrapGuard,
                                 host_allowed, iter_warc_pages, normalize_url, repair_warc, warc_parts)
+from llmpipe.progress import progress
 
 # reasons that are not recorded in skipped.jsonl: the URL may be fetched by a later session
 _TRANSIENT = {"budget", "already_fetched"}
@@ -234,6 +235,7 @@ class PageSpider(scrapy.Spider):
         self.state = state
         self.warc = WarcOutput(state.warc_dir, state.job.user_agent)
         self.started = time.time()
+        self.bar = progress(state.job.max_pages, "crawl", unit="page", initial=len(state.fetched))
 
     @classmethod
     def from_crawler(cls, crawler, *args, **kwargs):
@@ -272,6 +274,7 @@ class PageSpider(scrapy.Spider):
         state.seen.add(url)
         state.seen.update(normalize_url(u) for u in redirected_from)
         state.pages_written += 1
+        self.bar.update()
         if len(state.fetched) >= state.job.max_pages:
             raise CloseSpider("page_budget")
         if depth + 1 > state.job.max_depth:
@@ -308,6 +311,7 @@ class PageSpider(scrapy.Spider):
             self.state.skip(root, "redirect_loop")
 
     def closed(self, reason):
+        self.bar.close()
         self.warc.close()
         self.state.close()
         summary = {"pages_written": self.state.pages_written, "pages_total": len(self.state.fetched),
@@ -377,7 +381,7 @@ def settings_for(job: CrawlJob) -> dict:
         "SCHEDULER_MEMORY_QUEUE": "scrapy.squeues.FifoMemoryQueue",  # breadth-first within a depth
         "SCHEDULER_DISK_QUEUE": "scrapy.squeues.PickleFifoDiskQueue",
         "DOWNLOADER_MIDDLEWARES": {f"{__name__}.FrontierGuard": 40},
-        "LOG_LEVEL": "INFO",
+        "LOG_LEVEL": "WARNING",  # the progress bar and the session summary say what INFO would
         "LOGSTATS_INTERVAL": 30.0,
     }
 

@@ -21,9 +21,12 @@ that `ray.init(prepare.ray.address)` joins (`pip install ray`).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -88,6 +91,20 @@ def _warm_up() -> None:
     load_word_tokenizer("en").word_tokenize("Warm up the tokenizer.")
 
 
+@contextlib.contextmanager
+def _default_sigterm():
+    """Forked workers must die on SIGTERM: the pool stops them with it at shutdown. A host that
+    turns SIGTERM into an exception (Prefect's task engine does) would otherwise hang the pool."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Runner:
     """Builds and runs datatrove executors of the configured kind; remembers wall time per job."""
 
@@ -107,8 +124,9 @@ class Runner:
             from datatrove.executor import LocalPipelineExecutor
 
             # fork: workers inherit the parent's imports; forkserver would re-import __main__
-            LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir,
-                                  start_method="fork").run()
+            with _default_sigterm():
+                LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir,
+                                      start_method="fork").run()
         elif self.cfg.executor == "ray":
             import ray
             from datatrove.executor.ray import RayPipelineExecutor

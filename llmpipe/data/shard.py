@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 from llmpipe.config import ShardSection
 from llmpipe.data.documents import DocumentCounts, read_documents
 from llmpipe.data.shards import shard_name, token_dtype, write_shard
+from llmpipe.progress import progress
 from llmpipe.tokenizer.special import EOT_ID
 from llmpipe.tokenizer.train import load_tokenizer
 
@@ -158,7 +159,9 @@ def write_shards(texts: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path
             ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
         writers = {s: _SplitWriter(s, out_dir, per_shard, seq_len, dtype, write_pool) for s in SPLITS}
         batches = text_batches(texts, batch_docs, BATCH_CHARS)
+        bar = progress(desc="shard", unit="doc")
         for batch, encodings in _encoded(tokenizer, batches, encode_pool, ENCODE_DEPTH):
+            bar.update(len(batch))
             arrays: dict[str, list[np.ndarray]] = {"train": [], "val": []}
             for text, encoding in zip(batch, encodings):
                 data = text.encode("utf-8")
@@ -169,6 +172,7 @@ def write_shards(texts: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path
                 writers[split].add(arrays[split])
         for writer in writers.values():
             writer.close()
+        bar.close()
     return {
         "train_documents": writers["train"].documents,
         "val_documents": writers["val"].documents,

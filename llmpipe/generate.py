@@ -1,0 +1,49 @@
+"""`llmpipe generate`: sample a completion from a stage's release weights with the KV cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llmpipe.model.generate import generate
+from llmpipe.model.release import CONFIG, WEIGHTS, load_release
+from llmpipe.paths import RunDir
+from llmpipe.tokenizer.special import EOT_ID
+
+
+def load_tokenizer(tokenizer_dir: Path):
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (run `llmpipe tokenizer` first)")
+    return Tokenizer.from_file(str(path))
+
+
+def generate_text(run_dir: Path, stage: str, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
+    """The completion (without the prompt) of `prompt` by `stage`'s model; temperature 0 is greedy.
+
+    The prompt is encoded after an end-of-text token, as documents appear in the training
+    stream; sampling stops at the next end-of-text token, which is not returned.
+    """
+    from llmpipe.stages import verify_outputs
+
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    run_dir = RunDir(run_dir)
+    verify_outputs(run_dir, stage, [WEIGHTS, CONFIG])
+    model = load_release(run_dir.stage(stage))
+    tokenizer = load_tokenizer(run_dir.tokenizer_dir)
+    ids = [EOT_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids
+    generator = torch.Generator().manual_seed(seed)
+    new = generate(model, torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, generator=generator, stop_id=EOT_ID)[0].tolist()
+    if new and new[-1] == EOT_ID:
+        new = new[:-1]
+    return tokenizer.decode(new, skip_special_tokens=False)

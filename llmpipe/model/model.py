@@ -1,0 +1,226 @@
+"""A decoder-only transformer in the Llama layout, written for one device.
+
+Pre-norm residual blocks with RMSNorm, rotary position embeddings in the half-rotation layout
+that Hugging Face Llama uses (so an export is a renaming of tensors), SwiGLU feed-forward,
+grouped-query attention through `F.scaled_dot_product_attention`, optional tied embeddings and
+no biases anywhere. Parallelism, compilation and activation-checkpoint policies are applied from
+outside; this file knows about none of them.
+
+Shapes: B batch, T time (sequence), C d_model, nh query heads, nkv key/value heads, hs head size,
+V vocabulary, F feed-forward hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from llmpipe.config import ModelSection
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 like Hugging Face's LlamaRMSNorm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(head_size: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for positions 0..length-1, each (length, hs): frequencies repeated in two halves."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.int64, device=device).float() / head_size))
+    positions = torch.arange(length, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(positions, inv_freq)  # (T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + hs/2) of x (B, n, T, hs) by the angles in cos/sin (T, hs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated to `max_len`."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_size: int,
+                 device=None, dtype=torch.float32):
+        shape = (batch, n_kv_heads, max_len, head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.pos = 0  # tokens already stored
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hs) at positions pos..pos+T-1; return all keys/values so far."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} tokens > max_len {self.max_len}")
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nkv, pos+T, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelSection, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_size = cfg.d_model // cfg.n_heads
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_size, bias=False)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_size, bias=False)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_size, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_size, cfg.d_model, bias=False)
+        self.wo.residual_projection = True  # init scaled by 1/sqrt(2 * n_layers)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, nh, T, hs)
+        else:
+            start = cache.pos
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, start+T, hs)
+            if T == 1:  # one new query sees the whole cache: no mask (is_causal would hide all but key 0)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+            else:  # query i (absolute position start+i) sees keys 0..start+i
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_heads * self.head_size)  # (B, T, C)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w_down(silu(w_gate x) * w_up x)."""
+
+    def __init__(self, cfg: ModelSection):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.w_down.residual_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))  # (B, T, C) -> (B, T, F) -> (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelSection, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelSection):
+        super().__init__()
+        self.cfg = cfg
+        self.head_size = cfg.d_model // cfg.n_heads
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.trf_blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # with tied embeddings the output projection reuses tok_emb.weight: no second tensor exists
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(self.head_size, cfg.seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (seq_len, hs)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False  # recompute each block in backward (set by the trainer)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2/Llama init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layers)."""
+        std = self.cfg.init_std
+        if isinstance(module, nn.Linear):
+            if getattr(module, "residual_projection", False):
+                std = std / math.sqrt(2 * self.cfg.n_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight  # (V, C)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T); with targets (B, T), the mean cross-entropy instead.
+
+        Targets equal to -1 are ignored. With a cache, idx holds the tokens after cache.pos.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
+        cos = self.rope_cos[start:start + T].to(self.tok_emb.weight.dtype)  # (T, hs)
+        sin = self.rope_sin[start:start + T].to(self.tok_emb.weight.dtype)
+        x = self.tok_emb(idx)  # (B, T, C)
+        for block in self.trf_blocks:
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm_f(x)
+        logits = F.linear(x, self.output_weight())  # (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        w = self.tok_emb.weight
+        return KVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads or self.cfg.n_heads,
+                       max_len or self.cfg.seq_len, self.head_size, device=w.device, dtype=w.dtype)
+
+
+# --- sizes, computed from the config alone -----------------------------------------------------
+
+
+def parameter_count(cfg: ModelSection, embedding: bool = True) -> int:
+    """Number of parameters of Transformer(cfg); without `embedding`, the input table is left out."""
+    hs, kv = cfg.d_model // cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
+    attn = cfg.d_model * cfg.n_heads * hs * 2 + cfg.d_model * kv * hs * 2  # wq, wo, wk, wv
+    mlp = 3 * cfg.d_model * cfg.d_ff
+    per_block = attn + mlp + 2 * cfg.d_model  # two norm weights
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+    total = cfg.n_layers * per_block + cfg.d_model + head  # + final norm
+    if embedding or cfg.tie_embeddings:  # a tied table is also the output matrix: it always counts
+        total += cfg.vocab_size * cfg.d_model
+    return total
+
+
+def flops_per_token(cfg: ModelSection, seq_len: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per token, PaLM appendix B convention.
+
+    6 per weight of every matrix multiply (blocks and output head; the embedding lookup is no
+    matmul) plus 12 * n_layers * d_model * T for attention scores and values (causal masking
+    not discounted), so MFU figures compare with nanoGPT's and PaLM's.
+    """
+    T = seq_len or cfg.seq_len
+    norms = (2 * cfg.n_layers + 1) * cfg.d_model
+    matmul_params = parameter_count(cfg, embedding=False) - norms  # blocks + output head (tied or not)
+    return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.d_model * T

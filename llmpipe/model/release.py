@@ -1,0 +1,50 @@
+"""Release weights: `model.safetensors` + `model_config.json` in a stage folder.
+
+Training stages write them at the end; export, generation and later stages read them. Only
+safetensors are read here, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmpipe import io
+from llmpipe.config import ModelSection
+from llmpipe.model.model import Transformer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model_config.json"
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, atomically, readable by others like every other output (safetensors creates files 0600)."""
+    with io.atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)
+
+
+def save_release(model: Transformer, folder: Path) -> None:
+    folder = Path(folder)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    write_safetensors(tensors, folder / WEIGHTS)
+    io.write_json(folder / CONFIG, model.cfg.model_dump(mode="json"))
+
+
+def load_config(folder: Path) -> ModelSection:
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no model config (did the stage finish?)")
+    return ModelSection.model_validate(json.loads(path.read_text()))
+
+
+def load_release(folder: Path, device: str | torch.device = "cpu") -> Transformer:
+    """The model saved in `folder`, in eval mode, float32, on `device`."""
+    cfg = load_config(folder)
+    model = Transformer(cfg)
+    model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)), strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,36 @@
+"""AdamW with decay on matrices only, and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llmpipe.config import PretrainSection
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PretrainSection, fused: bool = False) -> torch.optim.AdamW:
+    """Weight decay on 2-D parameters (linear weights, embeddings); none on norm weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if fused else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+
+
+def lr_at(step: int, cfg: PretrainSection) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to a floor."""
+    warmup = min(cfg.warmup_steps, cfg.max_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.max_steps <= warmup + 1:
+        return cfg.lr
+    progress = min(1.0, (step - warmup) / (cfg.max_steps - warmup - 1))
+    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

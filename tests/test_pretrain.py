@@ -1,0 +1,225 @@
+"""Pretraining on tiny CPU models: loader order and state, schedule, checkpoints, exact resume, guards."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmpipe import stages
+from llmpipe.config import ModelSection, PretrainSection
+from llmpipe.data.loader import TokenLoader
+from llmpipe.training import checkpoint
+from llmpipe.training.loop import TrainingDiverged
+from llmpipe.training.optim import build_optimizer, lr_at
+from llmpipe.training.pretrain import run_pretrain, unigram_entropy
+from model_fixtures import MODEL, PRETRAIN, VOCAB, make_run_dir, run_config, write_shards
+
+
+def streams(n=3, length=1000):
+    return [np.arange(i * 10_000, i * 10_000 + length, dtype=np.uint32) for i in range(n)]
+
+
+def test_loader_batches_are_shifted_windows():
+    x, y = TokenLoader(streams(), 16, 4, seed=1).next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(y[:, -1] - x[:, 0], torch.full((4,), 16))  # windows are contiguous in one shard
+
+
+def test_loader_visits_every_window_once_per_epoch_in_a_seeded_order():
+    loader = TokenLoader(streams(), 16, 4, seed=1)
+    n = loader.total_windows  # 3 * (999 // 16) = 186
+    starts = [int(v) for _ in range(n // 2) for v in loader.next_batch()[0][:, 0]]  # 93 batches of 4 = 2 epochs
+    first, second = starts[:n], starts[n:]
+    assert sorted(first) == sorted(second) and len(set(first)) == n
+    assert first != second  # each epoch has its own order
+    other = TokenLoader(streams(), 16, 4, seed=2)
+    assert [int(v) for v in other.next_batch()[0][:, 0]] != starts[:4]
+
+
+def test_loader_resumes_from_its_state_dict():
+    a = TokenLoader(streams(), 16, 4, seed=3)
+    for _ in range(50):
+        a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))  # survives JSON, as in a checkpoint
+    b = TokenLoader(streams(), 16, 4, seed=3)
+    b.load_state_dict(state)
+    for _ in range(60):  # across the epoch boundary
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+    with pytest.raises(ValueError, match="seed"):
+        TokenLoader(streams(), 16, 4, seed=4).load_state_dict(state)
+
+
+def test_ranks_split_the_global_batch():
+    whole = TokenLoader(streams(), 16, 6, seed=5)
+    ranks = [TokenLoader(streams(), 16, 2, seed=5, rank=r, world_size=3) for r in range(3)]
+    for _ in range(5):
+        assert torch.equal(whole.next_batch()[0], torch.cat([r.next_batch()[0] for r in ranks]))
+
+
+def test_lr_warms_up_linearly_then_decays_to_the_floor():
+    cfg = PretrainSection(max_steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(0, PretrainSection(max_steps=3, warmup_steps=10, lr=1.0)) == pytest.approx(1 / 3)
+
+
+def test_weight_decay_only_on_matrices():
+    from llmpipe.model import Transformer
+
+    model = Transformer(ModelSection(**MODEL))
+    decay, no_decay = build_optimizer(model, PretrainSection(weight_decay=0.1)).param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_unigram_entropy():
+    uniform = [np.arange(256, dtype=np.uint16)]
+    assert unigram_entropy(uniform, 300) == pytest.approx(np.log(256))
+    assert unigram_entropy([np.zeros(10, dtype=np.uint16)], 300) == 0.0
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_kill_and_resume_equals_the_uninterrupted_run_exactly(tmp_path):
+    shards = write_shards(tmp_path / "shard")
+    model_cfg, cfg = ModelSection(**MODEL), PretrainSection(**PRETRAIN)
+    whole = run_pretrain(model_cfg, cfg, shards, tmp_path / "a", seed=7)
+    part = run_pretrain(model_cfg, cfg, shards, tmp_path / "b", seed=7, stop_after=5)  # killed after step 5
+    assert part["steps"] == 5 and not (tmp_path / "b" / "model.safetensors").exists()
+    assert checkpoint.complete_steps(tmp_path / "b" / "checkpoints") == [4]
+    resumed = run_pretrain(model_cfg, cfg, shards, tmp_path / "b", seed=7)  # a new process would do the same
+    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == whole["steps"] == 8
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["train_loss"] == whole["train_loss"] and resumed["val_loss"] == whole["val_loss"]
+    assert resumed["tokens"] == whole["tokens"] == 8 * 128
+
+
+def test_latest_checkpoint_skips_partial_and_corrupt_folders(tmp_path):
+    shards = write_shards(tmp_path / "shard")
+    run_pretrain(ModelSection(**MODEL), PretrainSection(**{**PRETRAIN, "checkpoint_every": 2, "keep_checkpoints": 3}),
+                 shards, tmp_path / "a", seed=7)
+    root = tmp_path / "a" / "checkpoints"
+    assert checkpoint.complete_steps(root) == [4, 6, 8]  # only the newest 3 kept
+    (root / "step_0000009").mkdir()  # a writer killed before files.json: never "latest"
+    (root / "step_0000009" / "model.safetensors").write_bytes(b"partial")
+    assert checkpoint.latest(root).name == "step_0000008"
+    with open(root / "step_0000008" / "optimizer.pt", "r+b") as f:  # a flipped byte
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    assert checkpoint.latest(root).name == "step_0000006"
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    shards = write_shards(tmp_path / "shard")
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(params, max_norm):
+        calls.append(1)
+        norm = real(params, max_norm)
+        return torch.tensor(float("nan")) if len(calls) == 7 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    with pytest.raises(TrainingDiverged, match=r"step 7: .* not finite.*step_0000004"):
+        run_pretrain(ModelSection(**MODEL), PretrainSection(**PRETRAIN), shards, tmp_path / "a", seed=7)
+    assert checkpoint.latest(tmp_path / "a" / "checkpoints").name == "step_0000004"
+
+
+def test_spike_guard(tmp_path):
+    from llmpipe.training.loop import LoopState, _guard
+
+    cfg = PretrainSection(spike_factor=2.0, spike_warmup=10)
+    _guard(5, 100.0, 1.0, LoopState(loss_ema=3.0), cfg, None)  # not armed yet
+    _guard(20, 5.0, 1.0, LoopState(loss_ema=3.0), cfg, None)
+    with pytest.raises(TrainingDiverged, match="running mean"):
+        _guard(20, 7.0, 1.0, LoopState(loss_ema=3.0), cfg, None)
+    with pytest.raises(ValueError, match="spike_factor"):
+        PretrainSection(spike_factor=0.5)
+
+
+def test_batch_tokens_must_split_into_micro_batches(tmp_path):
+    shards = write_shards(tmp_path / "shard")
+    with pytest.raises(ValueError, match="batch_tokens=100 must be a multiple"):
+        run_pretrain(ModelSection(**MODEL), PretrainSection(**{**PRETRAIN, "batch_tokens": 100}), shards, tmp_path / "a", seed=7)
+
+
+def test_pretrain_stage_writes_release_weights_and_resumes_when_complete(tmp_path):
+    run_dir = make_run_dir(tmp_path / "run")
+    config = run_config(run_dir)
+    manifest = stages.execute("pretrain", config)
+    counts = manifest["counts"]
+    assert counts["steps"] == 8 and counts["tokens"] == 1024
+    assert counts["val_loss"] < counts["unigram_entropy"] + 1.5  # learning has started (8 steps only)
+    assert {"model.safetensors", "model_config.json", "train_config.json"} <= set(manifest["files"])
+    assert "checkpoints/step_0000008/model.safetensors" in manifest["files"]
+    again = stages.execute("pretrain", config)  # same key: the final checkpoint is found, nothing retrains
+    assert again["counts"]["resumed_from_step"] == 8
+    assert again["files"]["model.safetensors"] == manifest["files"]["model.safetensors"]
+
+
+@pytest.mark.slow
+def test_sigkilled_process_resumes_to_the_same_weights(tmp_path):
+    """A real kill: `python -m llmpipe.training.pretrain` SIGKILLed after a checkpoint, then rerun."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from llmpipe.io import sha256_file
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"run": {"seed": 7}, "tokenizer": {"vocab_size": VOCAB}, "model": MODEL,
+                                      "pretrain": {**PRETRAIN, "max_steps": 300, "checkpoint_every": 10,
+                                                   "eval_every": 50, "log_every": 50}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+    def command(run_dir):
+        return [sys.executable, "-m", "llmpipe.training.pretrain", "--config", str(config), "--run-dir", str(run_dir)]
+
+    for name in ("a", "b"):
+        make_run_dir(tmp_path / name)
+    subprocess.run(command(tmp_path / "a"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(command(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "b" / "pretrain" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not checkpoint.complete_steps(ckpts) or checkpoint.complete_steps(ckpts)[-1] < 20:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "pretrain" / "manifest.json").exists()
+    killed_at = checkpoint.complete_steps(ckpts)[-1]
+    assert 20 <= killed_at < 300
+    subprocess.run(command(tmp_path / "b"), check=True, env=env, capture_output=True)
+    manifest = json.loads((tmp_path / "b" / "pretrain" / "manifest.json").read_text())
+    assert manifest["counts"]["resumed_from_step"] == killed_at
+    weights = [sha256_file(tmp_path / n / "pretrain" / "model.safetensors") for n in ("a", "b")]
+    assert weights[0] == weights[1]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 64, 1000, 4097])
+def test_feistel_permutation_is_a_bijection(n):
+    from llmpipe.data.loader import Permutation
+
+    assert sorted(Permutation(n, key=n)(i) for i in range(n)) == list(range(n))
+    if n >= 17:
+        assert [Permutation(n, 1)(i) for i in range(n)] != [Permutation(n, 2)(i) for i in range(n)]
+
+
+def test_batches_mix_all_shards():
+    loader = TokenLoader(streams(4, 4000), 16, 32, seed=0)
+    x, _ = loader.next_batch()
+    assert len({int(v) // 10_000 for v in x[:, 0]}) == 4
