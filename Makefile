@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/tiny.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+lint: setup
+	$(VENV)/bin/ruff check llmpipe tasks flows tests benchmarks
 
 bench: setup
 	$(PY) benchmarks/shard_throughput.py

@@ -14,10 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from llmpipe.errors import UserError
+from llmpipe.errors import BadValue
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(BadValue):
     """A configuration problem, reported to the user as one line."""
 
 

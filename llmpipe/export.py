@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from llmpipe import io
 from llmpipe.config import ModelSection
+from llmpipe.errors import UserError
 from llmpipe.model.release import CONFIG, WEIGHTS, load_config, write_safetensors
 from llmpipe.paths import MANIFEST, RunDir
 from llmpipe.tokenizer.special import EOT_ID, PAD_ID
@@ -92,7 +93,7 @@ def copy_tokenizer(tokenizer_dir: Path, out: Path) -> list[str]:
     """Copy the tokenizer stage's files (tokenizer.json, tokenizer_config.json, ...) into `out`."""
     tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{tokenizer_dir / 'tokenizer.json'} is missing (run `llmpipe tokenizer` first)")
+        raise UserError(f"{tokenizer_dir / 'tokenizer.json'} is missing (run `llmpipe tokenizer` first)")
     copied = []
     for path in sorted(tokenizer_dir.iterdir()):
         if path.is_file() and path.name != MANIFEST and not path.name.startswith(".") and path.suffix in (".json", ".jinja", ".txt", ".model"):

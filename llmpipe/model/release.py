@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from llmpipe import io
 from llmpipe.config import ModelSection
+from llmpipe.errors import MissingInput
 from llmpipe.model.model import Transformer
 
 WEIGHTS = "model.safetensors"
@@ -38,7 +39,7 @@ def save_release(model: Transformer, folder: Path) -> None:
 def load_config(folder: Path) -> ModelSection:
     path = Path(folder) / CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no model config (did the stage finish?)")
+        raise MissingInput(f"{path}: no model config (did the stage finish?)")
     return ModelSection.model_validate(json.loads(path.read_text()))
 
 

@@ -21,9 +21,9 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from llmpipe import io
-from llmpipe.errors import UserError
 from llmpipe.config import TokenizerSection
 from llmpipe.data.documents import DocumentCounts, read_documents
+from llmpipe.errors import MissingInput
 from llmpipe.tokenizer.chat import CHAT_TEMPLATE
 from llmpipe.tokenizer.special import ASSISTANT, END_OF_TURN, EOT, PAD, SPECIAL_TOKENS, SYSTEM, UNK, USER
 
@@ -32,7 +32,7 @@ CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_MAP_FILE = "special_tokens_map.json"
 
 
-class TokenizerNotFoundError(UserError, FileNotFoundError):
+class TokenizerNotFoundError(MissingInput):
     """No trained tokenizer where one is expected."""
 
 

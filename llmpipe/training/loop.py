@@ -20,9 +20,9 @@ from llmpipe.config import PretrainSection
 from llmpipe.data.loader import TokenLoader
 from llmpipe.errors import UserError
 from llmpipe.progress import progress
+from llmpipe.tracking import NullTracker, Tracker
 from llmpipe.training import checkpoint
 from llmpipe.training.optim import lr_at, set_lr
-from llmpipe.tracking import NullTracker, Tracker
 
 # dense bf16 peak FLOP/s by device name, for MFU on GPUs (CPUs are measured instead)
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A10G": 125e12,

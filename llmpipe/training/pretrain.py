@@ -20,13 +20,21 @@ from llmpipe import io
 from llmpipe.config import ModelSection, PretrainSection
 from llmpipe.data.loader import TokenLoader
 from llmpipe.data.shards import load_split
+from llmpipe.errors import BadValue
 from llmpipe.model.model import Transformer, flops_per_token, parameter_count
 from llmpipe.model.release import save_release
 from llmpipe.stages import StageContext
 from llmpipe.tracking import NullTracker, Tracker
 from llmpipe.training import checkpoint
-from llmpipe.training.loop import (LoopState, autocast_dtype, measured_cpu_peak, peak_flops, peak_memory_mb,
-                                   resolve_device, train)
+from llmpipe.training.loop import (
+    LoopState,
+    autocast_dtype,
+    measured_cpu_peak,
+    peak_flops,
+    peak_memory_mb,
+    resolve_device,
+    train,
+)
 from llmpipe.training.optim import build_optimizer
 
 UNIGRAM_SAMPLE = 1 << 27  # tokens read for the unigram entropy
@@ -49,7 +57,7 @@ def unigram_entropy(streams: list[np.ndarray], vocab_size: int, limit: int = UNI
 def accumulation_steps(model_cfg: ModelSection, cfg: PretrainSection, world_size: int = 1) -> int:
     per_micro = cfg.micro_batch_size * model_cfg.seq_len * world_size
     if cfg.batch_tokens % per_micro:
-        raise ValueError(f"pretrain.batch_tokens={cfg.batch_tokens} must be a multiple of micro_batch_size * seq_len * "
+        raise BadValue(f"pretrain.batch_tokens={cfg.batch_tokens} must be a multiple of micro_batch_size * seq_len * "
                          f"world_size = {cfg.micro_batch_size} * {model_cfg.seq_len} * {world_size} = {per_micro}")
     return cfg.batch_tokens // per_micro
 
