@@ -32,6 +32,10 @@ WORDS = ("the of and to in a is that for it as was with be by on not he this are
          "river library bread bird season village market winter summer mountain forest valley story morning").split()
 
 
+ROWS: list[tuple] = []  # (stage, workers, items, unit, seconds, items/s, MB/s)
+NOTES: list[str] = []
+
+
 def synthetic_site(pages: int, seed: int = 0) -> ThreadingHTTPServer:
     """`pages` HTML pages of ~8 KB of words, each linking to 10 others; served on 127.0.0.1."""
     rng = random.Random(seed)
@@ -83,9 +87,8 @@ def bench_crawl_site(pages: int, work: Path) -> None:
             summary = run_crawl(job)
             wall = time.perf_counter() - t0
             inside = summary.get("elapsed_s") or wall
-            print(f"crawl  synthetic site  concurrency={concurrency}: {summary['pages_written']} pages, "
-                  f"{summary['pages_written'] / inside:7.1f} pages/s in the crawler "
-                  f"({summary['pages_written'] / wall:.1f} pages/s with process start)", flush=True)
+            ROWS.append((f"crawl synthetic site (concurrency {concurrency})", "-", summary["pages_written"], "pages",
+                         inside, summary["pages_written"] / inside, None))
     finally:
         server.shutdown()
 
@@ -97,10 +100,9 @@ def bench_crawl_pydoc(pages: int, work: Path) -> Path:
     summary, _ = _crawl_pydoc(cfg, out / "warc", out / ".state")
     wall = time.perf_counter() - t0
     info = warc_summary(out / "warc")
-    print(f"crawl  pydoc server    concurrency=4: {summary['pages_written']} pages, "
-          f"{summary['pages_written'] / summary['elapsed_s']:7.1f} pages/s in the crawler "
-          f"({summary['pages_written'] / wall:.1f} pages/s with server + process start), "
-          f"{info['html_bytes'] / 1e6:.1f} MB HTML", flush=True)
+    ROWS.append(("crawl pydoc server (concurrency 4)", "-", summary["pages_written"], "pages", summary["elapsed_s"],
+                 summary["pages_written"] / summary["elapsed_s"], info["html_bytes"] / 1e6 / summary["elapsed_s"]))
+    del wall  # includes starting pydoc and the crawler process
     return out / "warc"
 
 
@@ -134,8 +136,7 @@ def bench_prepare(warc_dir: Path, workers: int, work: Path) -> None:
     mh = MinhashConfig(hash_config=HashConfig(precision=64))
 
     def line(stage: str, docs: int, mb: float, seconds: float) -> None:
-        print(f"{stage:<18} workers={workers}: {docs:5d} docs {mb:6.2f} MB in {seconds:6.2f} s -> "
-              f"{docs / seconds:7.1f} docs/s {mb / seconds:6.3f} MB/s", flush=True)
+        ROWS.append((stage, workers, docs, "docs", seconds, docs / seconds, mb / seconds))
 
     runner.run("extract", [RecordShardedWarcReader(str(warc_dir), glob_pattern="*.warc*"),
                            Trafilatura(favour_precision=True, timeout=cfg.extract_timeout_s),
@@ -162,7 +163,16 @@ def bench_prepare(warc_dir: Path, workers: int, work: Path) -> None:
                                   JsonlWriter(str(data / "deduped"), output_filename="${rank}.jsonl.gz")], 2)
     line("minhash filter", docs, mb, runner.seconds["minhash_filter"])
     kept, kept_mb = _text_mb(data / "deduped")
-    print(f"{'':<18} workers={workers}: {kept} docs, {kept_mb:.2f} MB of text left after dedup", flush=True)
+    NOTES.append(f"workers={workers}: {kept} documents, {kept_mb:.2f} MB of text left after dedup")
+
+
+def print_table() -> None:
+    print(f"\n{'stage':<40} {'workers':>7} {'items':>7} {'seconds':>8} {'items/s':>9} {'MB/s':>7}")
+    for stage, workers, n, unit, seconds, rate, mb_s in ROWS:
+        mb = f"{mb_s:7.2f}" if mb_s is not None else f"{'':>7}"
+        print(f"{stage:<40} {workers!s:>7} {n:>7} {seconds:8.2f} {rate:>9.1f} {mb}  ({unit})")
+    for note in NOTES:
+        print(note)
 
 
 def main() -> None:
@@ -183,6 +193,7 @@ def main() -> None:
         warc_dir = bench_crawl_pydoc(args.pydoc_pages, work)
         for workers in (int(w) for w in args.workers.split(",")):
             bench_prepare(warc_dir, workers, work / f"prepare-w{workers}")
+    print_table()
 
 
 if __name__ == "__main__":
