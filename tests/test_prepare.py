@@ -257,7 +257,7 @@ def test_prepare_stage_on_a_warc(tmp_path, output_format):
 
 @pytest.mark.slow
 def test_prepare_on_the_ray_executor(tmp_path):
-    """Only where Ray is installed (`pip install ray`): the same pipeline on a local Ray instance."""
+    """The same pipeline on a local Ray instance (ray comes with the dev extra; skipped without it)."""
     ray = pytest.importorskip("ray")
     run_dir = RunDir(tmp_path / "run")
     write_warc(run_dir.warc_dir / "part-00000.warc.gz", _site_pages())
