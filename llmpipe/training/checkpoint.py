@@ -112,10 +112,21 @@ def latest(root: Path) -> Path | None:
     return None
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Restore weights, optimizer and RNG states from checkpoint `path`; return its state.json."""
+def newest(root: Path) -> Path | None:
+    """The newest complete checkpoint folder, without re-hashing it (see `latest`)."""
+    steps = complete_steps(root)
+    return step_dir(root, steps[-1]) if steps else None
+
+
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+         verified: bool = False) -> dict:
+    """Restore weights, optimizer and RNG states from checkpoint `path`; return its state.json.
+
+    `verified`: the caller just checked the hashes (`latest` does), so they are not read twice.
+    """
     path = Path(path)
-    verify(path)
+    if not verified:
+        verify(path)
     load_weights(model, path / "model.safetensors")
     device = next(model.parameters()).device
     if optimizer is not None:

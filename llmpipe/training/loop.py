@@ -134,11 +134,13 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Pretrai
     forward = forward or model
     dtype = autocast_dtype(cfg.dtype, device)
     tokens_per_step = accumulation * train_loader.batch_size * train_loader.seq_len * world_size
-    last_good = checkpoint.latest(ckpt_root)
+    last_good = checkpoint.newest(ckpt_root)  # named in the divergence message; resuming verified it
+    start_step, saved_step = state.step, None
     model.train()
 
     def save(step: int) -> Path:
-        nonlocal last_good
+        nonlocal last_good, saved_step
+        saved_step = step
         payload = {**state.to_json(), "loader": train_loader.state_dict(),
                    "scheduler": {"step": step, "lr": lr_at(max(step - 1, 0), cfg)}}
         last_good = checkpoint.save(ckpt_root, step, model, optimizer, payload, config, cfg.keep_checkpoints)
@@ -207,7 +209,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Pretrai
         if state.val_loss is not None:
             state.history.append((state.step, state.val_loss))
             tracker.log_metrics({"val/loss": state.val_loss}, step=state.step)
-    if checkpoint.latest(ckpt_root) != checkpoint.step_dir(ckpt_root, state.step):
+    if state.step != start_step and saved_step != state.step:  # the final state, unless just saved or resumed
         save(state.step)
     return state
 

@@ -92,7 +92,7 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
     state, resumed_from = LoopState(), 0
     latest = checkpoint.latest(ckpt_root)
     if latest is not None:
-        saved = checkpoint.load(latest, model, optimizer)
+        saved = checkpoint.load(latest, model, optimizer, verified=True)
         train_loader.load_state_dict(saved["loader"])
         state = LoopState(**{f.name: saved[f.name] for f in fields(LoopState)})
         resumed_from = state.step
