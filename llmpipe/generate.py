@@ -6,20 +6,12 @@ from pathlib import Path
 
 import torch
 
-from llmpipe.errors import BadValue, MissingInput
+from llmpipe.errors import BadValue
 from llmpipe.model.generate import generate
 from llmpipe.model.release import CONFIG, WEIGHTS, load_release
 from llmpipe.paths import RunDir
 from llmpipe.tokenizer.special import EOT_ID
-
-
-def load_tokenizer(tokenizer_dir: Path):
-    from tokenizers import Tokenizer
-
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise MissingInput(f"{path} is missing (run `llmpipe tokenizer` first)")
-    return Tokenizer.from_file(str(path))
+from llmpipe.tokenizer.train import load_tokenizer
 
 
 def generate_text(run_dir: Path, stage: str, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0,
