@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,9 +26,16 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # fields that say how to compute, not what: left out of the cache key (see `cache_dump`)
+    execution_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def cache_dump(self) -> dict:
+        """The section as JSON for the cache key: everything but its execution fields."""
+        return self.model_dump(mode="json", exclude=set(self.execution_fields))
+
     def digest(self) -> str:
         """sha256 of the canonical JSON of this section: the stage's config hash."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(self.cache_dump(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -234,11 +241,33 @@ class ModelSection(Section):
         return self
 
 
-class PretrainSection(Section):
-    """Next-token pretraining on the shards. Owned by llmpipe/training."""
+class ParallelConfig(Section):
+    """How a training stage spreads over its `nproc` processes; applied by llmpipe/distributed.
+
+    ddp: replicas; zero1: + sharded optimizer states; zero2: + sharded gradients (FSDP2 without
+    resharding after forward); fsdp: + sharded parameters (ZeRO-3); tp: tensor parallel (with
+    sequence and loss parallel); pp: pipeline stages; fsdp_tp: FSDP over nproc/tp ranks x TP over tp.
+    """
+
+    strategy: Literal["ddp", "zero1", "zero2", "fsdp", "tp", "pp", "fsdp_tp"] = "ddp"
+    tp: int = Field(1, ge=1)  # tensor-parallel degree (tp: = nproc; fsdp_tp: divides nproc)
+    pp: int = Field(1, ge=1)  # pipeline stages (pp: = nproc)
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"  # torch.distributed.pipelining schedule
+    pp_virtual_stages: int = Field(2, ge=1)  # model chunks per rank with interleaved_1f1b
+
+
+class TrainSection(Section):
+    """What every training stage shares: optimizer, schedule, loop cadence, precision, parallelism.
+
+    Pretraining uses it as is; SFT, reward, DPO and PPO extend it with their data and loss keys.
+    """
+
+    # `nproc` and `parallel` say how to compute, not what: a finished stage stays cached when they
+    # change, and a resumed run may use another layout (checkpoints reshard).
+    execution_fields: ClassVar[frozenset[str]] = frozenset({"nproc", "parallel"})
 
     max_steps: int = Field(200, ge=1)  # optimizer steps
-    batch_tokens: int = Field(8192, ge=1)  # global batch in tokens = micro_batch_size * seq_len * accumulation * ranks
+    batch_tokens: int = Field(8192, ge=1)  # global batch in tokens = micro_batch_size * seq_len * accumulation * data-parallel ranks
     micro_batch_size: int = Field(8, ge=1)  # sequences per forward/backward on one rank
     lr: float = Field(3e-3, gt=0)  # peak learning rate, reached after warmup
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio at max_steps
@@ -260,6 +289,8 @@ class PretrainSection(Section):
     spike_factor: float = Field(3.0, ge=0)  # stop when loss > factor * running mean; 0 disables (NaN/inf always stop)
     spike_warmup: int = Field(50, ge=0)  # steps before the spike guard arms
     peak_flops: float | None = Field(None, gt=0)  # device peak FLOP/s for MFU; None: measured matmul (CPU) or table (GPU)
+    nproc: int = Field(1, ge=1)  # processes on this node; > 1 runs the stage as `torchrun --nproc-per-node nproc`
+    parallel: ParallelConfig = ParallelConfig()
 
     @field_validator("spike_factor")
     @classmethod
@@ -267,6 +298,21 @@ class PretrainSection(Section):
         if 0 < value <= 1:
             raise ValueError(f"spike_factor={value} must be 0 (off) or greater than 1")
         return value
+
+    @model_validator(mode="after")
+    def _layout(self) -> "TrainSection":
+        p, n = self.parallel, self.nproc
+        if p.strategy == "tp" and n > 1 and p.tp != n:
+            raise ValueError(f"parallel.tp={p.tp} must equal nproc={n} with strategy tp")
+        if p.strategy == "fsdp_tp" and n > 1 and (p.tp < 2 or n % p.tp or n == p.tp):
+            raise ValueError(f"parallel.tp={p.tp} must be >= 2 and divide nproc={n} into >= 2 FSDP groups with strategy fsdp_tp")
+        if p.strategy == "pp" and n > 1 and p.pp != n:
+            raise ValueError(f"parallel.pp={p.pp} must equal nproc={n} with strategy pp")
+        return self
+
+
+class PretrainSection(TrainSection):
+    """Next-token pretraining on the shards. Owned by llmpipe/training."""
 
 
 class RunConfig(Section):

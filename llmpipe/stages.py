@@ -126,7 +126,7 @@ def code_version(stage: Stage) -> str:
 
 
 def config_hash(stage: Stage, config: RunConfig) -> str:
-    return _sha256_json({"seed": config.run.seed, **{s: config.section(s).model_dump(mode="json") for s in stage.sections}})
+    return _sha256_json({"seed": config.run.seed, **{s: config.section(s).cache_dump() for s in stage.sections}})
 
 
 def directory_fingerprint(path: Path) -> str:
