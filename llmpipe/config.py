@@ -264,7 +264,7 @@ class TrainSection(Section):
 
     # `nproc` and `parallel` say how to compute, not what: a finished stage stays cached when they
     # change, and a resumed run may use another layout (checkpoints reshard).
-    execution_fields: ClassVar[frozenset[str]] = frozenset({"nproc", "parallel"})
+    execution_fields: ClassVar[frozenset[str]] = frozenset({"nproc", "nnodes", "parallel"})
 
     max_steps: int = Field(200, ge=1)  # optimizer steps
     batch_tokens: int = Field(8192, ge=1)  # global batch in tokens = micro_batch_size * seq_len * accumulation * data-parallel ranks
@@ -289,7 +289,8 @@ class TrainSection(Section):
     spike_factor: float = Field(3.0, ge=0)  # stop when loss > factor * running mean; 0 disables (NaN/inf always stop)
     spike_warmup: int = Field(50, ge=0)  # steps before the spike guard arms
     peak_flops: float | None = Field(None, gt=0)  # device peak FLOP/s for MFU; None: measured matmul (CPU) or table (GPU)
-    nproc: int = Field(1, ge=1)  # processes on this node; > 1 runs the stage as `torchrun --nproc-per-node nproc`
+    nproc: int = Field(1, ge=1)  # processes per node; > 1 runs the stage as `torchrun --nproc-per-node nproc`
+    nnodes: int = Field(1, ge=1)  # nodes; > 1 is started by a cluster launcher (torchrun rendezvous, sbatch; see README)
     parallel: ParallelConfig = ParallelConfig()
 
     @field_validator("spike_factor")
@@ -299,15 +300,19 @@ class TrainSection(Section):
             raise ValueError(f"spike_factor={value} must be 0 (off) or greater than 1")
         return value
 
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
     @model_validator(mode="after")
     def _layout(self) -> "TrainSection":
-        p, n = self.parallel, self.nproc
+        p, n = self.parallel, self.world_size
         if p.strategy == "tp" and n > 1 and p.tp != n:
-            raise ValueError(f"parallel.tp={p.tp} must equal nproc={n} with strategy tp")
+            raise ValueError(f"parallel.tp={p.tp} must equal nproc * nnodes={n} with strategy tp")
         if p.strategy == "fsdp_tp" and n > 1 and (p.tp < 2 or n % p.tp or n == p.tp):
-            raise ValueError(f"parallel.tp={p.tp} must be >= 2 and divide nproc={n} into >= 2 FSDP groups with strategy fsdp_tp")
+            raise ValueError(f"parallel.tp={p.tp} must be >= 2 and divide nproc * nnodes={n} into >= 2 FSDP groups with strategy fsdp_tp")
         if p.strategy == "pp" and n > 1 and p.pp != n:
-            raise ValueError(f"parallel.pp={p.pp} must equal nproc={n} with strategy pp")
+            raise ValueError(f"parallel.pp={p.pp} must equal nproc * nnodes={n} with strategy pp")
         return self
 
 
@@ -328,6 +333,11 @@ class RunConfig(Section):
     def _consistent(self) -> "RunConfig":
         if self.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} must be >= tokenizer.vocab_size={self.tokenizer.vocab_size}")
+        strategy = self.pretrain.parallel.strategy
+        if self.model.tie_embeddings and self.pretrain.world_size > 1 and strategy in ("tp", "fsdp_tp", "pp"):
+            # the input table and the output head are sharded (tp) or placed (pp) differently
+            raise ValueError(f"model.tie_embeddings=true does not work with pretrain.parallel.strategy={strategy}; "
+                             "set model.tie_embeddings: false (allowed strategies with tied embeddings: ddp, zero1, zero2, fsdp)")
         return self
 
     @property
