@@ -90,8 +90,8 @@ def test_gpt2_124m_size():
 
 def test_init_scales_residual_projections():
     model = tiny_model(d_model=256, d_ff=512, n_layers=8)
-    std = model.trf_blocks[0].attn.wq.weight.std().item()
-    proj = model.trf_blocks[0].attn.wo.weight.std().item()
+    std = model.trf_blocks["0"].attn.wq.weight.std().item()
+    proj = model.trf_blocks["0"].attn.wo.weight.std().item()
     assert abs(std - 0.02) < 0.002
     assert abs(proj - 0.02 / 4) < 0.0005  # 1 / sqrt(2 * 8)
 

@@ -89,11 +89,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        # head counts come from the tensors: under tensor parallelism a rank holds nh/tp and nkv/tp heads
+        q = self.wq(x).view(B, T, -1, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.wk(x).view(B, T, -1, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.wv(x).view(B, T, -1, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        gqa = self.n_kv_heads != self.n_heads
+        gqa = k.shape[1] != q.shape[1]
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, nh, T, hs)
         else:
@@ -104,7 +105,7 @@ class CausalSelfAttention(nn.Module):
             else:  # query i (absolute position start+i) sees keys 0..start+i
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).contiguous().view(B, T, self.n_heads * self.head_size)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, C)
         return self.wo(y)
 
 
@@ -137,23 +138,35 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """The whole model; a pipeline stage is this model with some blocks deleted and, outside the
+    first stage, no `tok_emb`, outside the last, no `norm_f` and `lm_head` (set to None)."""
+
     def __init__(self, cfg: ModelSection):
         super().__init__()
         self.cfg = cfg
         self.head_size = cfg.d_model // cfg.n_heads
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.trf_blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        # a dict keyed by layer index: parameter names stay stable when a pipeline stage drops blocks
+        self.trf_blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         # with tied embeddings the output projection reuses tok_emb.weight: no second tensor exists
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(self.head_size, cfg.seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (seq_len, hs)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(cfg.seq_len, self.head_size), persistent=False)  # (seq_len, hs)
+        self.register_buffer("rope_sin", torch.empty(cfg.seq_len, self.head_size), persistent=False)
         self.activation_checkpointing = False  # recompute each block in backward (set by the trainer)
-        self.apply(self._init_weights)
+        self.init_weights()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        """GPT-2/Llama init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layers)."""
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fill every parameter and buffer. Callable again after `to_empty`, so a model built on the
+        meta device (too big for one host) is initialised where it lives, shard by shard."""
+        cos, sin = rope_tables(self.head_size, self.cfg.seq_len, self.cfg.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        self.apply(self._init_module)
+
+    def _init_module(self, module: nn.Module) -> None:
+        """GPT-2/Llama init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layers); norms 1."""
         std = self.cfg.init_std
         if isinstance(module, nn.Linear):
             if getattr(module, "residual_projection", False):
@@ -161,6 +174,8 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
 
     def output_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight  # (V, C)
@@ -169,22 +184,25 @@ class Transformer(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T); with targets (B, T), the mean cross-entropy instead.
 
-        Targets equal to -1 are ignored. With a cache, idx holds the tokens after cache.pos.
+        Targets equal to -1 are ignored. With a cache, idx holds the tokens after cache.pos. A
+        pipeline stage without `tok_emb` takes the hidden state (B, T, C) as idx; one without
+        `norm_f` returns the hidden state.
         """
-        B, T = idx.shape
+        B, T = idx.shape[:2]
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
-        cos = self.rope_cos[start:start + T].to(self.tok_emb.weight.dtype)  # (T, hs)
-        sin = self.rope_sin[start:start + T].to(self.tok_emb.weight.dtype)
-        x = self.tok_emb(idx)  # (B, T, C)
-        for block in self.trf_blocks:
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
+        x = self.tok_emb(idx) if self.tok_emb is not None else idx  # (B, T, C)
+        for block in self.trf_blocks.values():
             if self.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
+        if self.norm_f is None:
+            return x
         x = self.norm_f(x)
         logits = F.linear(x, self.output_weight())  # (B, T, V)
         if targets is None:
