@@ -199,15 +199,23 @@ class Transformer(nn.Module):
         if self.norm_f is None:
             return x
         x = self.norm_f(x)
-        logits = F.linear(x, self.output_weight())  # (B, T, V)
+        # a module call, not F.linear on its weight: tensor parallelism hooks into lm_head's forward
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.output_weight())  # (B, T, V)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return next_token_loss(logits, targets)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         w = self.tok_emb.weight
         return KVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads or self.cfg.n_heads,
                        max_len or self.cfg.seq_len, self.head_size, device=w.device, dtype=w.dtype)
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, T, V) against targets (B, T), ignoring targets equal to -1.
+
+    Also the loss function of a pipeline's last stage, which gets logits rather than targets."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
 # --- sizes, computed from the config alone -----------------------------------------------------
