@@ -64,7 +64,6 @@ def _stage_view(model: Transformer, blocks: list[str], first: bool, last: bool) 
     stage = Transformer.__new__(Transformer)
     nn.Module.__init__(stage)
     stage.cfg, stage.head_size = model.cfg, model.head_size
-    stage.activation_checkpointing = model.activation_checkpointing
     stage.tok_emb = model.tok_emb if first else None
     stage.trf_blocks = nn.ModuleDict({key: model.trf_blocks[key] for key in blocks})
     stage.norm_f = model.norm_f if last else None
