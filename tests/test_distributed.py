@@ -132,11 +132,12 @@ def test_fsdp_checkpoint_resumes_in_one_process(runs):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_pretrain_stage_on_two_ranks_matches_one_process(runs, tmp_path):
-    """run_pretrain under torchrun: FSDP checkpoints, validation and the gathered release weights."""
+    """run_pretrain under torchrun: the same initial weights from the seed, FSDP checkpoints,
+    validation and the gathered release weights."""
     out, _ = runs
     spec = next(s for s in TWO_PROCESSES if s["name"] == "pretrain_fsdp")
     ranks = [json.loads((out / f"pretrain_fsdp.rank{r}.json").read_text()) for r in range(2)]
-    one = run_pretrain_stage({**spec, "name": "pretrain_single"}, out, out / "init-tied0.safetensors")
+    one = run_pretrain_stage({**spec, "name": "pretrain_single"}, out)
     two = ranks[0]
     assert two["world_size"] == 2 and two["accumulation"] == 2 and one["accumulation"] == 4
     assert two["steps"] == one["steps"] == 8 and two["tokens"] == one["tokens"]

@@ -222,10 +222,11 @@ class Trainer:
         self.tokens_per_micro_batch = cfg.micro_batch_size * model_cfg.seq_len  # on one rank
         self.accumulation = accumulation_steps(cfg, self.tokens_per_micro_batch, self.layout.dp, section)
         self.mesh = env.build_mesh(self.layout, self.device.type)
-        # sharded strategies build on the meta device: a model larger than one host's memory
-        # exists only as its shards
-        on_meta = self.env.world_size > 1 and (cfg.parallel.strategy in SHARDED or self.layout.tp > 1
-                                                or self.layout.pp > 1)
+        # sharded strategies build on the meta device on GPUs: a model larger than one host's memory
+        # exists only as its shards, initialised by DTensor's random ops. On CPU those draw the same
+        # numbers on every shard, so the (small) model is built whole on every rank, then sharded.
+        on_meta = self.env.world_size > 1 and self.device.type != "cpu" and (
+            cfg.parallel.strategy in SHARDED or self.layout.tp > 1 or self.layout.pp > 1)
         torch.manual_seed(seed)
         model = build_model(model_cfg, "meta" if on_meta else self.device, None if on_meta else init_from)
         fsdp_bf16 = self.dtype if cfg.parallel.strategy in SHARDED and self.device.type == "cuda" else None
@@ -377,6 +378,11 @@ class Trainer:
 
         window_tokens, window_time = 0, 0.0
         bar = progress(cfg.max_steps, task.name, unit="step", initial=state.step, enabled=main)
+
+        def say(line: str) -> None:  # rank 0 speaks for all (the numbers are all-reduced)
+            if main:
+                bar.write(line)
+
         while state.step < cfg.max_steps:
             step = state.step
             t0 = time.perf_counter()
@@ -413,13 +419,13 @@ class Trainer:
                                      "train/peak_mem_mb": peak_memory_mb(self.device), "train/tokens": state.tokens,
                                      **{f"train/{k}": v for k, v in zip(metric_sums, metric_values)}},
                                     step=state.step)
-                bar.write(f"step {state.step:6d}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} "
+                say(f"step {state.step:6d}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} "
                           f"gnorm {grad_norm:.3f} tok/s {tps:,.0f} mfu {mfu:.1%}")
                 window_tokens, window_time = 0, 0.0
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
                 log_eval()
                 if state.val_loss is not None:
-                    bar.write(f"step {state.step:6d} val loss {state.val_loss:.4f}")
+                    say(f"step {state.step:6d} val loss {state.val_loss:.4f}")
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
                 save(state.step)
             for callback in self.on_step_end:
