@@ -88,6 +88,7 @@ def full_model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
 def load_full_model_state(parts: list[nn.Module], state: dict[str, torch.Tensor]) -> None:
     """Load a whole single-device state dict (e.g. an upstream stage's release weights) into
     `parts`, each keeping the pieces it holds."""
-    options = StateDictOptions(full_state_dict=True, strict=len(parts) == 1)
+    options = StateDictOptions(full_state_dict=True)
     for part in parts:
-        set_model_state_dict(part, state, options=options)
+        own = part.state_dict().keys()  # a pipeline rank holds some of the layers
+        set_model_state_dict(part, {k: v for k, v in state.items() if k in own}, options=options)

@@ -2,11 +2,11 @@
 
 The contract with the trainer (llmpipe/training/trainer.py) is `ParallelModel`:
 
-- `model_parts`: the modules this rank trains and checkpoints (the whole model, or this rank's
-  pipeline stages under pp). Their parameter names are the single-device model's names, so
+- `model_parts`: the modules this rank trains and checkpoints (the whole model, or under pp the
+  model pruned to this rank's stages). Their parameter names are the single-device model's names, so
   checkpoints (DCP) reshard between strategies.
 - `forward`: what a stage's `step_fn(forward, batch)` calls (a DDP wrapper or the model itself);
-  None under pp, where the trainer calls `schedule.step(inputs, target=labels, losses=...)`.
+  None under pp, where the trainer hands a step's micro-batches to `pipeline` instead.
 - `gradient_sync(enabled)`: a context for one micro-batch's backward; gradients are only
   reduced across data-parallel ranks on the micro-batch where it is enabled (the last).
 - `loss_context()`: wraps forward + backward (loss parallel under tp).
@@ -18,27 +18,32 @@ The contract with the trainer (llmpipe/training/trainer.py) is `ParallelModel`:
 Order of application (torchtitan's): tensor parallel (+ sequence parallel, loss parallel),
 activation checkpointing, torch.compile, then FSDP2 `fully_shard` (zero2: parameters kept
 gathered between forward and backward; fsdp: resharded, ZeRO-3) or DDP (ddp, and zero1 whose
-optimizer is a ZeroRedundancyOptimizer). Pipeline parallel first splits the model into stages
-(llmpipe/distributed/pipeline.py) and applies the rest to each stage.
+optimizer is a ZeroRedundancyOptimizer). Pipeline parallel first prunes the model to this rank's
+stages (llmpipe/distributed/pipeline.py) and applies the rest to what is left.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 
 from llmpipe.config import TrainSection
 from llmpipe.distributed.env import Layout, local_rank_in, submesh
+from llmpipe.distributed.pipeline import Pipeline, prune_to_rank
+from llmpipe.distributed.tensor_parallel import apply_tp
+from llmpipe.model.model import next_token_loss
 
 SHARDED = ("zero2", "fsdp", "fsdp_tp")  # strategies whose parameters are FSDP2 DTensors
 
@@ -50,9 +55,7 @@ class ParallelModel:
     layout: Layout = field(default_factory=Layout)
     mesh: DeviceMesh | None = None
     strategy: str = "ddp"
-    schedule: Any | None = None  # torch.distributed.pipelining schedule (pp only)
-    has_first_stage: bool = True  # pp: this rank feeds the inputs
-    has_last_stage: bool = True  # pp: this rank computes the loss
+    pipeline: Pipeline | None = None  # pp: this rank's stages and their schedule
     loss_parallel: bool = False  # tp: the loss is computed on vocabulary-sharded logits
     mixed_precision: bool = False  # FSDP casts parameters to bf16 itself: no autocast around forward
 
@@ -61,9 +64,23 @@ class ParallelModel:
         return local_rank_in(self.mesh, "dp")
 
     @property
+    def has_last_stage(self) -> bool:
+        """This rank computes the loss (always, but under pp on the last stage)."""
+        return self.pipeline is None or self.pipeline.has_last_stage
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        pp = submesh(self.mesh, "pp")
+        return None if pp is None else pp.get_group()
+
+    @property
     def loss_weight(self) -> float:
         owner = self.has_last_stage and local_rank_in(self.mesh, "tp") == 0
         return 1.0 / self.layout.dp if owner else 0.0
+
+    def local(self, value: torch.Tensor) -> torch.Tensor:
+        """A loss or metric as a plain tensor: tensor parallelism computes them as replicated DTensors."""
+        return value.full_tensor() if isinstance(value, DTensor) else value
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for part in self.model_parts:
@@ -78,11 +95,8 @@ class ParallelModel:
         return _fsdp_no_sync(fsdp_parts) if fsdp_parts else contextlib.nullcontext()
 
     def loss_context(self) -> contextlib.AbstractContextManager:
-        if self.loss_parallel:
-            from torch.distributed.tensor.parallel import loss_parallel
-
-            return loss_parallel()
-        return contextlib.nullcontext()
+        """Around forward and backward: tensor parallelism's cross-entropy on vocabulary-sharded logits."""
+        return loss_parallel() if self.loss_parallel else contextlib.nullcontext()
 
     def build_optimizer(self, param_groups: list[dict], optimizer_class: type[torch.optim.Optimizer],
                         **defaults) -> torch.optim.Optimizer:
@@ -99,10 +113,9 @@ class ParallelModel:
         norm = torch.nn.utils.get_total_norm(grads)
         if isinstance(norm, DTensor):  # partial norms of the shards: reduce them
             norm = norm.full_tensor()
-        pp = submesh(self.mesh, "pp")
-        if pp is not None:  # each stage holds other layers: sum the squares over the stages
+        if self.pp_group is not None:  # each stage holds other layers: sum the squares over the stages
             squared = norm.pow(2)
-            torch.distributed.all_reduce(squared, group=pp.get_group())
+            dist.all_reduce(squared, group=self.pp_group)
             norm = squared.sqrt()
         return norm
 
@@ -134,16 +147,18 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
     """
     strategy = cfg.parallel.strategy
     layout = Layout.of(cfg.parallel, mesh.size() if mesh is not None else 1)
-    if layout.pp > 1:
-        # pipeline parallel: llmpipe/distributed/pipeline.py splits the model into this rank's
-        # stages and builds the schedule with `loss_fn`; each stage then gets the steps below.
-        raise NotImplementedError("parallel.strategy=pp is not wired yet (llmpipe/distributed/pipeline.py)")
+    pipeline = None
+    pp_mesh = submesh(mesh, "pp")
+    if pp_mesh is not None:
+        # pipeline parallel: this rank keeps the blocks and ends of its stages (under their own
+        # names) and gets the steps below; the schedule is built once the trainer knows its
+        # micro-batches per step
+        prune_to_rank(model, pp_mesh.get_local_rank(), cfg.parallel)
+        pipeline = Pipeline(model, cfg.parallel, pp_mesh.get_group(), device, loss_fn or next_token_loss)
     parts = [model]
-    loss_parallel = False
     tp_mesh = submesh(mesh, "tp")
-    if tp_mesh is not None:
-        # tensor parallel (+ sequence parallel, loss parallel): llmpipe/distributed/tensor_parallel.py
-        raise NotImplementedError("parallel.strategy=tp is not wired yet (llmpipe/distributed/tensor_parallel.py)")
+    if tp_mesh is not None:  # tensor parallel + sequence parallel + loss parallel
+        apply_tp(model, tp_mesh)
     for part in parts:
         if cfg.activation_checkpointing:
             _checkpoint_blocks(part)
@@ -165,8 +180,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
     elif dp_mesh is not None:  # ddp, zero1
         device_ids = [device.index] if device.type == "cuda" else None
         forward = DistributedDataParallel(model, device_ids=device_ids, process_group=dp_mesh.get_group())
+    if pipeline is not None:
+        forward = None
     return ParallelModel(model_parts=parts, forward=forward, layout=layout, mesh=mesh, strategy=strategy,
-                         loss_parallel=loss_parallel, mixed_precision=mixed_precision)
+                         pipeline=pipeline, loss_parallel=tp_mesh is not None, mixed_precision=mixed_precision)
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:

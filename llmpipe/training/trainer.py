@@ -12,9 +12,10 @@ asks it for its data-parallel rank and size to build its loaders, then hands it 
 
 `step_fn(forward, batch) -> (loss, metrics)`: the mean loss of one micro-batch (a scalar tensor
 with a graph) and optional scalar metrics; the trainer scales, accumulates, all-reduces, clips,
-guards, steps, logs, evaluates and checkpoints. Under pipeline parallelism the trainer calls the
-schedule instead: a stage that can be pipelined also supplies `split_batch(batch) -> (inputs,
-labels)` and gives `loss_fn(pred, labels)` to the Trainer.
+guards, steps, logs, evaluates and checkpoints. Under pipeline parallelism the trainer hands a
+step's micro-batches to the pipeline schedule instead: a stage that can be pipelined also supplies
+`split_batch(batch) -> (inputs, labels)` and gives `loss_fn(pred, labels)` to the Trainer (the
+model's cross-entropy by default).
 
 Loss, grad norm and metrics are reduced over all ranks in one all-reduce before the guard, so
 every rank takes the same decision. `on_step_end` callbacks run once per optimizer step on every
@@ -268,24 +269,16 @@ class Trainer:
         """Forward and backward of one micro-batch; returns its loss and metrics divided by `accumulation`."""
         p = self.parallel
         with p.gradient_sync(sync), p.loss_context():
-            if p.schedule is not None:
-                loss = self._pipeline_loss(task, batch, train=True)
-                return loss.detach() / accumulation, {}
             with autocast(self.device, self.autocast_dtype):
                 loss, metrics = task.step_fn(p.forward, batch)
             loss = loss / accumulation
             loss.backward()
-        return loss.detach(), {k: v.detach() / accumulation for k, v in metrics.items()}
+        return p.local(loss.detach()), {k: p.local(v.detach()) / accumulation for k, v in metrics.items()}
 
-    def _pipeline_loss(self, task: TrainTask, batch: Batch, train: bool) -> torch.Tensor:
-        """Run one micro-batch through the pipeline schedule; the mean loss on the last stage, 0 elsewhere."""
-        p = self.parallel
-        inputs, labels = task.split_batch(batch)
-        losses: list[torch.Tensor] = []
-        args = (inputs,) if p.has_first_stage else ()
-        target = labels if p.has_last_stage else None
-        (p.schedule.step if train else p.schedule.eval)(*args, target=target, losses=losses)
-        return torch.stack(losses).mean() if p.has_last_stage else torch.zeros((), device=self.device)
+    def _split(self, task: TrainTask, batches: list[Batch]) -> tuple[list, list]:
+        """pp: the inputs and the labels of each micro-batch."""
+        pairs = [task.split_batch(batch) for batch in batches]
+        return [inputs for inputs, _ in pairs], [labels for _, labels in pairs]
 
     def _reduce(self, loss: torch.Tensor, norm: torch.Tensor, metrics: dict[str, torch.Tensor]) -> list[float]:
         """[global mean loss, grad norm, *metrics], the same numbers on every rank (one all-reduce)."""
@@ -304,15 +297,15 @@ class Trainer:
         for part in parts:
             part.eval()
         total = 0.0
-        for _ in range(task.eval_steps):
-            batch = _to_device(task.val_loader.next_batch(), self.device)
-            with self.parallel.loss_context():
-                if self.parallel.schedule is not None:
-                    loss = self._pipeline_loss(task, batch, train=False)
-                else:
-                    with autocast(self.device, self.autocast_dtype):
-                        loss, _ = task.step_fn(self.parallel.forward, batch)
-            total += float(loss)
+        if self.parallel.pipeline is not None:  # pp: the micro-batches go through the schedule in groups
+            batches = [_to_device(task.val_loader.next_batch(), self.device) for _ in range(task.eval_steps)]
+            total = float(sum(self.parallel.pipeline.eval_losses(*self._split(task, batches))))
+        else:
+            for _ in range(task.eval_steps):
+                batch = _to_device(task.val_loader.next_batch(), self.device)
+                with self.parallel.loss_context(), autocast(self.device, self.autocast_dtype):
+                    loss, _ = task.step_fn(self.parallel.forward, batch)
+                total += float(self.parallel.local(loss))
         for part in parts:
             part.train()
         mean = torch.tensor([total / task.eval_steps * self.parallel.loss_weight], dtype=torch.float64,
@@ -333,6 +326,8 @@ class Trainer:
         peak = peak_flops(self.device, self.dtype, cfg.peak_flops) * self.env.world_size
         last_good = checkpoint.newest(ckpt_root)  # named in the divergence message; resuming verified it
         start_step, saved_step = state.step, None
+        if p.pipeline is not None:  # one schedule step runs a whole optimizer step's micro-batches
+            p.pipeline.build(accumulation)
         for part in self.model_parts:
             part.train()
 
@@ -360,16 +355,16 @@ class Trainer:
                 set_lr(optimizer, lr)
             loss_sum = torch.zeros((), device=self.device)
             metric_sums: dict[str, torch.Tensor] = {}
-            for micro in range(accumulation):
-                batch = _to_device(task.train_loader.next_batch(), self.device)
-                loss, metrics = self._micro_step(task, batch, accumulation, sync=micro == accumulation - 1)
-                loss_sum += loss
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + v
-            if p.schedule is not None and accumulation > 1:  # the schedule scaled by its own micro-batches only
-                for param in p.parameters():
-                    if param.grad is not None:
-                        param.grad.div_(accumulation)
+            if p.pipeline is not None:  # pp: the schedule divides the gradients by its micro-batches
+                batches = [_to_device(task.train_loader.next_batch(), self.device) for _ in range(accumulation)]
+                loss_sum = p.pipeline.train_step(*self._split(task, batches))
+            else:
+                for micro in range(accumulation):
+                    batch = _to_device(task.train_loader.next_batch(), self.device)
+                    loss, metrics = self._micro_step(task, batch, accumulation, sync=micro == accumulation - 1)
+                    loss_sum += loss
+                    for k, v in metrics.items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + v
             norm = p.grad_norm()
             loss_value, grad_norm, *metric_values = self._reduce(loss_sum, norm, metric_sums)
             _guard(step, loss_value, grad_norm, state, cfg, last_good, task.name)
