@@ -17,7 +17,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from llmpipe.config import ModelSection
 
@@ -153,7 +152,6 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(cfg.seq_len, self.head_size), persistent=False)  # (seq_len, hs)
         self.register_buffer("rope_sin", torch.empty(cfg.seq_len, self.head_size), persistent=False)
-        self.activation_checkpointing = False  # recompute each block in backward (set by the trainer)
         self.init_weights()
 
     @torch.no_grad()
@@ -195,10 +193,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
         x = self.tok_emb(idx) if self.tok_emb is not None else idx  # (B, T, C)
         for block in self.trf_blocks.values():
-            if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
         if self.norm_f is None:
