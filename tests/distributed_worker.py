@@ -57,11 +57,19 @@ class RecordingLoader(TokenLoader):
 
 
 def model_config(spec: dict) -> ModelSection:
-    return ModelSection(**{**MODEL, "tie_embeddings": spec.get("tie_embeddings", False)})
+    return ModelSection(**{**MODEL, "tie_embeddings": spec.get("tie_embeddings", False),
+                           "n_layers": spec.get("n_layers", MODEL["n_layers"])})
+
+
+def init_path(out_dir: Path, spec: dict) -> Path:
+    """Where the initial weights of the spec's model (tied or not, its depth) are."""
+    layers = spec.get("n_layers", MODEL["n_layers"])
+    return out_dir / f"init-tied{int(spec.get('tie_embeddings', False))}-layers{layers}.safetensors"
 
 
 def train_config(spec: dict, world_size: int) -> PretrainSection:
-    parallel = ParallelConfig(**{k: spec[k] for k in ("strategy", "tp", "pp", "pp_schedule") if k in spec})
+    parallel = ParallelConfig(**{k: spec[k] for k in ("strategy", "tp", "pp", "pp_schedule", "pp_virtual_stages")
+                                 if k in spec})
     return PretrainSection(max_steps=spec.get("steps", 6), batch_tokens=BATCH_TOKENS,
                            micro_batch_size=spec.get("micro_batch_size", 2), lr=3e-3, warmup_steps=2,
                            eval_every=0, checkpoint_every=spec.get("checkpoint_every", 0), log_every=100,
@@ -98,7 +106,7 @@ def run_variant(spec: dict, out_dir: Path, init_from: Path) -> dict:
 def run_pretrain_stage(spec: dict, out_dir: Path, init_from: Path) -> dict:
     """The pretrain stage's library function as the launch worker calls it: rank 0 writes the outputs."""
     cfg = PretrainSection(**{**PRETRAIN, **spec["pretrain"], "nproc": int(os.environ.get("WORLD_SIZE", "1")),
-                             "parallel": ParallelConfig(strategy=spec["strategy"])})
+                             "parallel": ParallelConfig(strategy=spec["strategy"], **spec.get("parallel", {}))})
     return run_pretrain(model_config(spec), cfg, out_dir / "shards", out_dir / spec["name"], seed=SEED,
                         init_from=init_from)
 
@@ -142,7 +150,7 @@ def init_weights(spec: dict, path: Path) -> Path:
 def main(out_dir: Path, specs: list[dict]) -> None:
     torch.set_num_threads(1)
     for spec in specs:
-        init = out_dir / f"init-tied{int(spec.get('tie_embeddings', False))}.safetensors"
+        init = init_path(out_dir, spec)
         kind = spec.get("kind", "train")
         rank = int(os.environ.get("RANK", "0"))  # the process group is joined by the first Trainer
         if kind != "train":

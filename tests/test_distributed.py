@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_worker import init_weights, run_pretrain_stage, run_variant
+from distributed_worker import init_path, init_weights, run_pretrain_stage, run_variant
 from model_fixtures import write_shards
 from safetensors.torch import load_file
 
@@ -57,14 +57,14 @@ def reference(out_dir: Path, spec: dict) -> dict:
     """One process (no process group) on the same global batch: micro-batches of 2, 4 per step."""
     torch.set_num_threads(1)
     spec = {"micro_batch_size": 2, **spec}
-    return run_variant(spec, out_dir, out_dir / f"init-tied{int(spec.get('tie_embeddings', False))}.safetensors")
+    return run_variant(spec, out_dir, init_path(out_dir, spec))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     for tied in (False, True):
-        init_weights({"tie_embeddings": tied}, out / f"init-tied{int(tied)}.safetensors")
+        init_weights({"tie_embeddings": tied}, init_path(out, {"tie_embeddings": tied}))
     write_shards(out / "shards")
     seconds = launch(out, TWO_PROCESSES, nproc=2)
     print(f"\n2-process launch: {len(TWO_PROCESSES)} variants in {seconds:.1f} s")
@@ -132,7 +132,7 @@ def test_pretrain_stage_on_two_ranks_matches_one_process(runs, tmp_path):
     out, _ = runs
     spec = next(s for s in TWO_PROCESSES if s["name"] == "pretrain_fsdp")
     ranks = [json.loads((out / f"pretrain_fsdp.rank{r}.json").read_text()) for r in range(2)]
-    one = run_pretrain_stage({**spec, "name": "pretrain_single"}, out, out / "init-tied0.safetensors")
+    one = run_pretrain_stage({**spec, "name": "pretrain_single"}, out, init_path(out, spec))
     two = ranks[0]
     assert two["world_size"] == 2 and two["accumulation"] == 2 and one["accumulation"] == 4
     assert two["steps"] == one["steps"] == 8 and two["tokens"] == one["tokens"]

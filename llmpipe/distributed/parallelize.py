@@ -166,7 +166,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
             for block in part.trf_blocks.values():
                 block.compile()  # in place: parameter names stay the model's
     dp_mesh = submesh(mesh, "dp")
-    forward: nn.Module | None = model
+    forward: nn.Module | None = model if pipeline is None else None  # pp: the schedule calls the stages
     mixed_precision = False
     if dp_mesh is not None and strategy in SHARDED:
         mixed_precision = param_dtype is not None
@@ -180,8 +180,6 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
     elif dp_mesh is not None:  # ddp, zero1
         device_ids = [device.index] if device.type == "cuda" else None
         forward = DistributedDataParallel(model, device_ids=device_ids, process_group=dp_mesh.get_group())
-    if pipeline is not None:
-        forward = None
     return ParallelModel(model_parts=parts, forward=forward, layout=layout, mesh=mesh, strategy=strategy,
                          pipeline=pipeline, loss_parallel=tp_mesh is not None, mixed_precision=mixed_precision)
 
