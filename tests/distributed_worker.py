@@ -30,7 +30,8 @@ from model_fixtures import MODEL, PRETRAIN, synthetic_documents  # noqa: E402
 from llmpipe.config import ModelSection, ParallelConfig, PretrainSection  # noqa: E402
 from llmpipe.data.loader import TokenLoader  # noqa: E402
 from llmpipe.distributed import env  # noqa: E402
-from llmpipe.training.pretrain import next_token_loss, run_pretrain  # noqa: E402
+from llmpipe.model.model import next_token_loss  # noqa: E402
+from llmpipe.training.pretrain import next_token_step, run_pretrain  # noqa: E402
 from llmpipe.training.trainer import LoopState, Trainer, TrainingDiverged, TrainTask  # noqa: E402
 
 SEQ_LEN = MODEL["seq_len"]
@@ -80,11 +81,10 @@ def run_variant(spec: dict, out_dir: Path, init_from: Path) -> dict:
     """Train one spec from the weights in `init_from`; return losses, rows per step and full weights (rank 0)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, model_cfg = train_config(spec, world_size), model_config(spec)
-    trainer = Trainer(model_cfg, cfg, seed=SEED, init_from=init_from)
+    trainer = Trainer(model_cfg, cfg, seed=SEED, init_from=init_from, loss_fn=next_token_loss)
     loader = RecordingLoader([token_stream()], SEQ_LEN, cfg.micro_batch_size, seed=SEED,
                              rank=trainer.dp_rank, world_size=trainer.dp_size)
-    task = TrainTask("pretrain", next_token_loss, loader, tokens_per_batch=cfg.micro_batch_size * SEQ_LEN,
-                     split_batch=lambda batch: batch)
+    task = TrainTask("pretrain", next_token_step, loader, split_batch=lambda batch: batch)
     ckpt_root = out_dir / spec["name"] / "checkpoints"
     if "resume_from" in spec and env.is_main():
         shutil.copytree(out_dir / spec["resume_from"] / "checkpoints", ckpt_root)
@@ -122,12 +122,12 @@ def run_guard(spec: dict, out_dir: Path, init_from: Path) -> dict:
 
     def nan_on_last_rank(model, batch):
         calls.append(1)
-        loss, metrics = next_token_loss(model, batch)
+        loss, metrics = next_token_step(model, batch)
         if len(calls) == 3 and env.rank() == world_size - 1:
             loss = loss + float("nan")
         return loss, metrics
 
-    task = TrainTask("pretrain", nan_on_last_rank, loader, tokens_per_batch=cfg.micro_batch_size * SEQ_LEN)
+    task = TrainTask("pretrain", nan_on_last_rank, loader)
     try:
         trainer.fit(task, LoopState(), ckpt_root=out_dir / spec["name"], config={})
     except TrainingDiverged as err:

@@ -33,9 +33,13 @@ TWO_PROCESSES = [
     {"name": "fsdp", "strategy": "fsdp", "micro_batch_size": 4},
     {"name": "fsdp_accumulate", "strategy": "fsdp", "micro_batch_size": 2},
     {"name": "fsdp_tied", "strategy": "fsdp", "micro_batch_size": 4, "tie_embeddings": True},
-    # resharding: FSDP-2 stops after step 4 (a checkpoint), then ZeRO-1 on 2 ranks resumes it
+    # resharding: FSDP-2 stops after step 4 (a checkpoint); ZeRO-1, TP-2 and a 2-stage pipeline
+    # resume it here, one process in test_fsdp_checkpoint_resumes_in_one_process
     {"name": "fsdp_save", "strategy": "fsdp", "micro_batch_size": 2, "steps": 8, "checkpoint_every": 4, "stop_after": 4},
     {"name": "fsdp_to_zero1", "strategy": "zero1", "micro_batch_size": 4, "steps": 8, "resume_from": "fsdp_save"},
+    {"name": "fsdp_to_tp", "strategy": "tp", "tp": 2, "micro_batch_size": 2, "steps": 8, "resume_from": "fsdp_save"},
+    {"name": "fsdp_to_pp", "strategy": "pp", "pp": 2, "pp_schedule": "1f1b", "micro_batch_size": 2, "steps": 8,
+     "resume_from": "fsdp_save"},
     # the pretrain stage as the launch worker runs it: FSDP, 2 micro-batches of 1 per rank and step
     {"name": "pretrain_fsdp", "kind": "pretrain", "strategy": "fsdp", "pretrain": {"micro_batch_size": 1}},
     {"name": "guard", "kind": "guard", "strategy": "ddp", "micro_batch_size": 4},

@@ -2,11 +2,12 @@
 
 The contract with the trainer (llmpipe/training/trainer.py) is `ParallelModel`:
 
-- `model_parts`: the modules this rank trains and checkpoints (the whole model, or under pp the
-  model pruned to this rank's stages). Their parameter names are the single-device model's names, so
+- `model_parts`: the modules this rank trains and checkpoints (the whole model, or this rank's
+  pipeline stages under pp). Their parameter names are the single-device model's names, so
   checkpoints (DCP) reshard between strategies.
 - `forward`: what a stage's `step_fn(forward, batch)` calls (a DDP wrapper or the model itself);
-  None under pp, where the trainer hands a step's micro-batches to `pipeline` instead.
+  None under pp, where the trainer calls `schedule.step(inputs, target=labels, losses=...)` once
+  per optimizer step with the step's whole batch (its micro-batches concatenated).
 - `gradient_sync(enabled)`: a context for one micro-batch's backward; gradients are only
   reduced across data-parallel ranks on the micro-batch where it is enabled (the last).
 - `loss_context()`: wraps forward + backward (loss parallel under tp).
@@ -19,31 +20,30 @@ Order of application (torchtitan's): tensor parallel (+ sequence parallel, loss 
 activation checkpointing, torch.compile, then FSDP2 `fully_shard` (zero2: parameters kept
 gathered between forward and backward; fsdp: resharded, ZeRO-3) or DDP (ddp, and zero1 whose
 optimizer is a ZeroRedundancyOptimizer). Pipeline parallel first prunes the model to this rank's
-stages (llmpipe/distributed/pipeline.py) and applies the rest to what is left.
+stages (llmpipe/distributed/pipeline.py), applies the rest to what is left, and finally builds
+the schedule over views of those modules.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 
 from llmpipe.config import TrainSection
 from llmpipe.distributed.env import Layout, local_rank_in, submesh
-from llmpipe.distributed.pipeline import Pipeline, prune_to_rank
-from llmpipe.distributed.tensor_parallel import apply_tp
-from llmpipe.model.model import next_token_loss
+from llmpipe.distributed.pipeline import build_schedule, check_pipeline, prune_to_rank
+from llmpipe.distributed.tensor_parallel import apply_tp, loss_context
 
 SHARDED = ("zero2", "fsdp", "fsdp_tp")  # strategies whose parameters are FSDP2 DTensors
 
@@ -55,32 +55,26 @@ class ParallelModel:
     layout: Layout = field(default_factory=Layout)
     mesh: DeviceMesh | None = None
     strategy: str = "ddp"
-    pipeline: Pipeline | None = None  # pp: this rank's stages and their schedule
+    # pp: builds the torch.distributed.pipelining schedule on first use of `schedule`, after the
+    # trainer has materialized meta-device weights (the stages are views of the modules as they are then)
+    schedule_factory: Callable[[], Any] | None = None
+    has_first_stage: bool = True  # pp: this rank feeds the inputs
+    has_last_stage: bool = True  # pp: this rank computes the loss
     loss_parallel: bool = False  # tp: the loss is computed on vocabulary-sharded logits
     mixed_precision: bool = False  # FSDP casts parameters to bf16 itself: no autocast around forward
+
+    @functools.cached_property
+    def schedule(self) -> Any | None:
+        return self.schedule_factory() if self.schedule_factory is not None else None
 
     @property
     def dp_rank(self) -> int:
         return local_rank_in(self.mesh, "dp")
 
     @property
-    def has_last_stage(self) -> bool:
-        """This rank computes the loss (always, but under pp on the last stage)."""
-        return self.pipeline is None or self.pipeline.has_last_stage
-
-    @property
-    def pp_group(self) -> dist.ProcessGroup | None:
-        pp = submesh(self.mesh, "pp")
-        return None if pp is None else pp.get_group()
-
-    @property
     def loss_weight(self) -> float:
         owner = self.has_last_stage and local_rank_in(self.mesh, "tp") == 0
         return 1.0 / self.layout.dp if owner else 0.0
-
-    def local(self, value: torch.Tensor) -> torch.Tensor:
-        """A loss or metric as a plain tensor: tensor parallelism computes them as replicated DTensors."""
-        return value.full_tensor() if isinstance(value, DTensor) else value
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for part in self.model_parts:
@@ -95,8 +89,7 @@ class ParallelModel:
         return _fsdp_no_sync(fsdp_parts) if fsdp_parts else contextlib.nullcontext()
 
     def loss_context(self) -> contextlib.AbstractContextManager:
-        """Around forward and backward: tensor parallelism's cross-entropy on vocabulary-sharded logits."""
-        return loss_parallel() if self.loss_parallel else contextlib.nullcontext()
+        return loss_context(self.loss_parallel)
 
     def build_optimizer(self, param_groups: list[dict], optimizer_class: type[torch.optim.Optimizer],
                         **defaults) -> torch.optim.Optimizer:
@@ -113,9 +106,10 @@ class ParallelModel:
         norm = torch.nn.utils.get_total_norm(grads)
         if isinstance(norm, DTensor):  # partial norms of the shards: reduce them
             norm = norm.full_tensor()
-        if self.pp_group is not None:  # each stage holds other layers: sum the squares over the stages
+        pp = submesh(self.mesh, "pp")
+        if pp is not None:  # each stage holds other layers: sum the squares over the stages
             squared = norm.pow(2)
-            dist.all_reduce(squared, group=self.pp_group)
+            torch.distributed.all_reduce(squared, group=pp.get_group())
             norm = squared.sqrt()
         return norm
 
@@ -138,26 +132,24 @@ def _fsdp_no_sync(parts: list[FSDPModule]):
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *, device: torch.device,
                 param_dtype: torch.dtype | None = None,
-                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> ParallelModel:
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                pp_microbatches: int = 1) -> ParallelModel:
     """Apply cfg.parallel's strategy over `mesh` (None: one process), activation checkpointing and
     compile to `model` (a Transformer, on `device` or the meta device); return the ParallelModel.
 
     `param_dtype`: bf16 under FSDP mixed precision (gradients still reduced in fp32).
-    `loss_fn(pred, labels)`: the loss a pipeline's last stage computes (pp only).
+    `loss_fn(pred, labels)`: the loss a pipeline's last stage computes; `pp_microbatches`: the
+    micro-batches a pipeline schedule splits each step's batch into (pp only).
     """
     strategy = cfg.parallel.strategy
     layout = Layout.of(cfg.parallel, mesh.size() if mesh is not None else 1)
-    pipeline = None
     pp_mesh = submesh(mesh, "pp")
-    if pp_mesh is not None:
-        # pipeline parallel: this rank keeps the blocks and ends of its stages (under their own
-        # names) and gets the steps below; the schedule is built once the trainer knows its
-        # micro-batches per step
+    if pp_mesh is not None:  # this rank keeps its stages' blocks, under their global names
+        check_pipeline(cfg.parallel, model.cfg.n_layers, pp_microbatches)  # before any work, not at the first step
         prune_to_rank(model, pp_mesh.get_local_rank(), cfg.parallel)
-        pipeline = Pipeline(model, cfg.parallel, pp_mesh.get_group(), device, loss_fn or next_token_loss)
     parts = [model]
     tp_mesh = submesh(mesh, "tp")
-    if tp_mesh is not None:  # tensor parallel + sequence parallel + loss parallel
+    if tp_mesh is not None:  # + sequence parallel, + loss parallel: the logits stay vocabulary-sharded
         apply_tp(model, tp_mesh)
     for part in parts:
         if cfg.activation_checkpointing:
@@ -166,7 +158,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
             for block in part.trf_blocks.values():
                 block.compile()  # in place: parameter names stay the model's
     dp_mesh = submesh(mesh, "dp")
-    forward: nn.Module | None = model if pipeline is None else None  # pp: the schedule calls the stages
+    forward: nn.Module | None = model
     mixed_precision = False
     if dp_mesh is not None and strategy in SHARDED:
         mixed_precision = param_dtype is not None
@@ -180,8 +172,16 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
     elif dp_mesh is not None:  # ddp, zero1
         device_ids = [device.index] if device.type == "cuda" else None
         forward = DistributedDataParallel(model, device_ids=device_ids, process_group=dp_mesh.get_group())
+    schedule_factory = None
+    if pp_mesh is not None:
+        def schedule_factory():
+            return build_schedule(model, cfg.parallel, pp_mesh.get_group(), pp_microbatches, device, loss_fn)[0]
+
+        forward = None
     return ParallelModel(model_parts=parts, forward=forward, layout=layout, mesh=mesh, strategy=strategy,
-                         pipeline=pipeline, loss_parallel=tp_mesh is not None, mixed_precision=mixed_precision)
+                         schedule_factory=schedule_factory, has_first_stage=model.tok_emb is not None,
+                         has_last_stage=model.norm_f is not None, loss_parallel=tp_mesh is not None,
+                         mixed_precision=mixed_precision)
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:

@@ -3,9 +3,8 @@
 The whole model is built on every rank (same seed, same weights, or on the meta device), then
 `prune_to_rank` keeps on each rank only what its stages need. Stage s of S = pp * v holds a
 consecutive run of blocks; rank r runs stages r, r + pp, r + 2 pp, ... (v > 1 only with
-interleaved 1F1B). The first stage
-keeps `tok_emb`, the last `norm_f` and `lm_head`; the model's forward then takes or returns
-hidden states (B, T, C) on its own.
+interleaved 1F1B). The first stage keeps `tok_emb`, the last `norm_f` and `lm_head`; the model's
+forward then takes or returns hidden states (B, T, C) on its own.
 
 What is checkpointed and optimized is the rank's pruned model: one module with this rank's
 parameters under their global names ("trf_blocks.5.attn.wq.weight"), so DCP reshards between
@@ -15,7 +14,7 @@ calls (`build_schedule`) are views sharing those parameters.
 Micro-batches: a step's batch is the trainer's `accumulation` micro-batches of `micro_batch_size`
 sequences, the same micro-batches one process accumulates, run by one schedule step; its loss is
 the mean of their mean losses, and gradients are divided by their number, as one process divides
-each loss. Evaluation runs the validation micro-batches in groups of the same count.
+each loss.
 """
 
 from __future__ import annotations
@@ -113,55 +112,3 @@ def build_schedule(model: Transformer, cfg: ParallelConfig, pp_group: dist.Proce
     schedule_class = SCHEDULES[cfg.pp_schedule]
     runs = stages if issubclass(schedule_class, PipelineScheduleMulti) else stages[0]
     return schedule_class(runs, n_microbatches=microbatches, loss_fn=loss_fn), stages
-
-
-class Pipeline:
-    """This rank's stages of a pruned (and parallelized, materialized) model, run by a schedule.
-
-    The schedule is built on first use, when the trainer knows its micro-batches per step and the
-    parameters are allocated (stage views hold the model's tensors as they are then). Both calls
-    take lists of micro-batches on every rank; only the first stage reads the inputs and only the
-    last stage the labels, and only its losses are real (zeros elsewhere).
-    """
-
-    def __init__(self, model: Transformer, cfg: ParallelConfig, pp_group: dist.ProcessGroup, device: torch.device,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-        self.model, self.cfg, self.pp_group, self.device, self.loss_fn = model, cfg, pp_group, device, loss_fn
-        mine, n_stages = rank_stages(dist.get_rank(pp_group), cfg), cfg.pp * stages_per_rank(cfg)
-        self.has_first_stage, self.has_last_stage = 0 in mine, n_stages - 1 in mine
-        self._schedule = None
-        self.microbatches = 0
-
-    def build(self, microbatches: int) -> None:
-        """Build the schedule for `microbatches` per step (once; the same count every step)."""
-        if self._schedule is None:
-            self._schedule, _ = build_schedule(self.model, self.cfg, self.pp_group, microbatches, self.device,
-                                               self.loss_fn)
-            self.microbatches = microbatches
-        elif microbatches != self.microbatches:
-            raise ValueError(f"the pipeline schedule runs {self.microbatches} micro-batches per step, not {microbatches}")
-
-    def train_step(self, inputs: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
-        """Forward and backward of one optimizer step's micro-batches; the mean of their losses."""
-        self.build(len(inputs))
-        return torch.stack(self._run(self._schedule.step, inputs, labels)).mean()
-
-    @torch.no_grad()
-    def eval_losses(self, inputs: list[torch.Tensor], labels: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The loss of each micro-batch, forward only, in groups of the schedule's micro-batch count
-        (the last group padded with repeats of its last micro-batch, whose losses are dropped)."""
-        n, group = len(inputs), self.microbatches
-        pad = -n % group
-        inputs, labels = inputs + inputs[-1:] * pad, labels + labels[-1:] * pad
-        losses = []
-        for start in range(0, n + pad, group):
-            losses += self._run(self._schedule.eval, inputs[start:start + group], labels[start:start + group])
-        return losses[:n]
-
-    def _run(self, call, inputs: list[torch.Tensor], labels: list[torch.Tensor]) -> list[torch.Tensor]:
-        losses: list[torch.Tensor] = []
-        args = (torch.cat(inputs),) if self.has_first_stage else ()
-        call(*args, target=torch.cat(labels) if self.has_last_stage else None, losses=losses)
-        if not self.has_last_stage:
-            return [torch.zeros((), device=self.device) for _ in inputs]
-        return [loss.detach() for loss in losses]

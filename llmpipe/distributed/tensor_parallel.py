@@ -18,6 +18,8 @@ from the tensors, so it needs nothing from us.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
@@ -26,6 +28,7 @@ from torch.distributed.tensor.parallel import (
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
+    loss_parallel,
     parallelize_module,
 )
 
@@ -68,3 +71,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             "mlp.w_up": ColwiseParallel(),
             "mlp.w_down": RowwiseParallel(output_layouts=Shard(1)),
         })
+
+
+def loss_context(enabled: bool):
+    """Where a tensor-parallel model's forward and backward run: its cross-entropy on vocabulary-sharded
+    logits is only defined inside `loss_parallel()`. A no-op for every other strategy."""
+    return loss_parallel() if enabled else contextlib.nullcontext()

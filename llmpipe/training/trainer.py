@@ -5,17 +5,17 @@ asks it for its data-parallel rank and size to build its loaders, then hands it 
 
     trainer = Trainer(model_cfg, cfg, seed=seed, init_from=upstream / "model.safetensors")
     loader = TokenLoader(..., rank=trainer.dp_rank, world_size=trainer.dp_size)
-    task = TrainTask("sft", step_fn, loader, tokens_per_batch=..., val_loader=..., flops_per_token=...)
+    task = TrainTask("sft", step_fn, loader, val_loader=..., eval_steps=..., flops_per_token=...)
     state = trainer.resume(ckpt_root, task)            # LoopState() when there is no checkpoint
     state = trainer.fit(task, state, ckpt_root=..., config=..., tracker=...)
     trainer.save_release(out_dir)                      # rank 0 writes the gathered weights
 
 `step_fn(forward, batch) -> (loss, metrics)`: the mean loss of one micro-batch (a scalar tensor
 with a graph) and optional scalar metrics; the trainer scales, accumulates, all-reduces, clips,
-guards, steps, logs, evaluates and checkpoints. Under pipeline parallelism the trainer hands a
-step's micro-batches to the pipeline schedule instead: a stage that can be pipelined also supplies
-`split_batch(batch) -> (inputs, labels)` and gives `loss_fn(pred, labels)` to the Trainer (the
-model's cross-entropy by default).
+guards, steps, logs, evaluates and checkpoints. Under pipeline parallelism the trainer calls the
+schedule instead: a stage that can be pipelined also supplies `split_batch(batch) -> (inputs,
+labels)` and gives `loss_fn(pred, labels)` to the Trainer; the schedule then runs the step's
+micro-batches (concatenated) in one call.
 
 Loss, grad norm and metrics are reduced over all ranks in one all-reduce before the guard, so
 every rank takes the same decision. `on_step_end` callbacks run once per optimizer step on every
@@ -77,8 +77,7 @@ class TrainTask:
 
     name: str  # the stage and its config section ("pretrain"): labels, messages
     step_fn: StepFn
-    train_loader: Loader
-    tokens_per_batch: int  # tokens in one micro-batch of one rank (accumulation, throughput)
+    train_loader: Loader  # micro-batches of cfg.micro_batch_size sequences of model.seq_len tokens
     flops_per_token: float = 0.0  # training FLOPs per token, for MFU
     val_loader: Loader | None = None
     eval_steps: int = 0  # validation micro-batches per evaluation
@@ -165,6 +164,16 @@ def accumulation_steps(cfg: TrainSection, tokens_per_batch: int, dp: int, sectio
     return cfg.batch_tokens // per_micro
 
 
+def _concat(batches: list[Batch]) -> Batch:
+    """Micro-batches -> one batch (along the batch dimension), keeping the structure."""
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(batches)
+    if isinstance(first, dict):
+        return {k: _concat([b[k] for b in batches]) for k in first}
+    return type(first)(_concat(list(parts)) for parts in zip(*batches))
+
+
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -210,6 +219,8 @@ class Trainer:
         self.device = self.env.device
         self.dtype = autocast_dtype(cfg.dtype, self.device)
         self.layout = env.Layout.of(cfg.parallel, self.env.world_size)
+        self.tokens_per_micro_batch = cfg.micro_batch_size * model_cfg.seq_len  # on one rank
+        self.accumulation = accumulation_steps(cfg, self.tokens_per_micro_batch, self.layout.dp, section)
         self.mesh = env.build_mesh(self.layout, self.device.type)
         # sharded strategies build on the meta device: a model larger than one host's memory
         # exists only as its shards
@@ -219,7 +230,7 @@ class Trainer:
         model = build_model(model_cfg, "meta" if on_meta else self.device, None if on_meta else init_from)
         fsdp_bf16 = self.dtype if cfg.parallel.strategy in SHARDED and self.device.type == "cuda" else None
         self.parallel: ParallelModel = parallelize(model, self.mesh, cfg, device=self.device, param_dtype=fsdp_bf16,
-                                                   loss_fn=loss_fn)
+                                                   loss_fn=loss_fn, pp_microbatches=self.accumulation)
         if on_meta:
             materialize(self.parallel.model_parts, self.device, seed, init_from)
         self.autocast_dtype = None if self.parallel.mixed_precision else self.dtype
@@ -269,20 +280,36 @@ class Trainer:
 
     # --- steps -----------------------------------------------------------------------------------
 
-    def _micro_step(self, task: TrainTask, batch: Batch, accumulation: int, sync: bool) -> tuple[torch.Tensor, dict]:
-        """Forward and backward of one micro-batch; returns its loss and metrics divided by `accumulation`."""
-        p = self.parallel
-        with p.gradient_sync(sync), p.loss_context():
-            with autocast(self.device, self.autocast_dtype):
-                loss, metrics = task.step_fn(p.forward, batch)
-            loss = loss / accumulation
-            loss.backward()
-        return p.local(loss.detach()), {k: p.local(v.detach()) / accumulation for k, v in metrics.items()}
+    def _forward_backward(self, task: TrainTask) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """All micro-batches of one optimizer step; their mean loss and metrics (this rank's)."""
+        p, accumulation = self.parallel, self.accumulation
+        batches = [_to_device(task.train_loader.next_batch(), self.device) for _ in range(accumulation)]
+        if p.schedule is not None:  # the schedule splits the step's batch into the same micro-batches
+            with p.loss_context():
+                return self._pipeline_loss(task, _concat(batches), train=True).detach(), {}
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for micro, batch in enumerate(batches):
+            with p.gradient_sync(micro == accumulation - 1), p.loss_context():
+                with autocast(self.device, self.autocast_dtype):
+                    loss, metrics = task.step_fn(p.forward, batch)
+                loss = loss / accumulation
+                loss.backward()
+            loss_sum += env.plain(loss.detach())
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + env.plain(v.detach()) / accumulation
+        return loss_sum, metric_sums
 
-    def _split(self, task: TrainTask, batches: list[Batch]) -> tuple[list, list]:
-        """pp: the inputs and the labels of each micro-batch."""
-        pairs = [task.split_batch(batch) for batch in batches]
-        return [inputs for inputs, _ in pairs], [labels for _, labels in pairs]
+    def _pipeline_loss(self, task: TrainTask, batch: Batch, train: bool) -> torch.Tensor:
+        """Run a step's batch through the pipeline schedule; the mean micro-batch loss on the last
+        stage, 0 elsewhere. Gradients come divided by the number of micro-batches."""
+        p = self.parallel
+        inputs, labels = task.split_batch(batch)
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if p.has_first_stage else ()
+        target = labels if p.has_last_stage else None
+        (p.schedule.step if train else p.schedule.eval)(*args, target=target, losses=losses)
+        return torch.stack(losses).mean() if p.has_last_stage else torch.zeros((), device=self.device)
 
     def _reduce(self, loss: torch.Tensor, norm: torch.Tensor, metrics: dict[str, torch.Tensor]) -> list[float]:
         """[global mean loss, grad norm, *metrics], the same numbers on every rank (one all-reduce)."""
@@ -300,20 +327,22 @@ class Trainer:
         parts = self.model_parts
         for part in parts:
             part.eval()
-        total = 0.0
-        if self.parallel.pipeline is not None:  # pp: the micro-batches go through the schedule in groups
-            batches = [_to_device(task.val_loader.next_batch(), self.device) for _ in range(task.eval_steps)]
-            total = float(sum(self.parallel.pipeline.eval_losses(*self._split(task, batches))))
-        else:
-            for _ in range(task.eval_steps):
-                batch = _to_device(task.val_loader.next_batch(), self.device)
-                with self.parallel.loss_context(), autocast(self.device, self.autocast_dtype):
-                    loss, _ = task.step_fn(self.parallel.forward, batch)
-                total += float(self.parallel.local(loss))
+        total, p = 0.0, self.parallel
+        # a pipeline evaluates a step's worth of micro-batches per schedule call: eval_steps rounded up
+        group = self.accumulation if p.schedule is not None else 1
+        calls = -(-task.eval_steps // group)
+        for _ in range(calls):
+            batch = _concat([_to_device(task.val_loader.next_batch(), self.device) for _ in range(group)])
+            with p.loss_context():
+                if p.schedule is not None:
+                    loss = self._pipeline_loss(task, batch, train=False)
+                else:
+                    with autocast(self.device, self.autocast_dtype):
+                        loss, _ = task.step_fn(p.forward, batch)
+            total += float(env.plain(loss))
         for part in parts:
             part.train()
-        mean = torch.tensor([total / task.eval_steps * self.parallel.loss_weight], dtype=torch.float64,
-                            device=self.device)
+        mean = torch.tensor([total / calls * p.loss_weight], dtype=torch.float64, device=self.device)
         return float(env.all_reduce_sum(mean)[0])
 
     def fit(self, task: TrainTask, state: LoopState, *, ckpt_root: Path, config: dict, tracker: Tracker | None = None,
@@ -325,13 +354,10 @@ class Trainer:
         """
         cfg, p, main = self.cfg, self.parallel, self.env.is_main
         tracker = tracker if main and tracker is not None else NullTracker()
-        accumulation = accumulation_steps(cfg, task.tokens_per_batch, p.layout.dp, task.name)
-        tokens_per_step = accumulation * task.tokens_per_batch * p.layout.dp
+        tokens_per_step = self.accumulation * self.tokens_per_micro_batch * p.layout.dp
         peak = peak_flops(self.device, self.dtype, cfg.peak_flops) * self.env.world_size
         last_good = checkpoint.newest(ckpt_root)  # named in the divergence message; resuming verified it
         start_step, saved_step = state.step, None
-        if p.pipeline is not None:  # one schedule step runs a whole optimizer step's micro-batches
-            p.pipeline.build(accumulation)
         for part in self.model_parts:
             part.train()
 
@@ -357,18 +383,7 @@ class Trainer:
             lr = lr_at(step, cfg)
             for optimizer in self.optimizers:
                 set_lr(optimizer, lr)
-            loss_sum = torch.zeros((), device=self.device)
-            metric_sums: dict[str, torch.Tensor] = {}
-            if p.pipeline is not None:  # pp: the schedule divides the gradients by its micro-batches
-                batches = [_to_device(task.train_loader.next_batch(), self.device) for _ in range(accumulation)]
-                loss_sum = p.pipeline.train_step(*self._split(task, batches))
-            else:
-                for micro in range(accumulation):
-                    batch = _to_device(task.train_loader.next_batch(), self.device)
-                    loss, metrics = self._micro_step(task, batch, accumulation, sync=micro == accumulation - 1)
-                    loss_sum += loss
-                    for k, v in metrics.items():
-                        metric_sums[k] = metric_sums.get(k, 0.0) + v
+            loss_sum, metric_sums = self._forward_backward(task)
             norm = p.grad_norm()
             loss_value, grad_norm, *metric_values = self._reduce(loss_sum, norm, metric_sums)
             _guard(step, loss_value, grad_norm, state, cfg, last_good, task.name)
