@@ -97,6 +97,7 @@ def _assert_matches(result: dict, rows: dict, ref: dict, steps: range) -> None:
     for step in steps:
         assert rows[step] == ref_rows[step], f"step {step} trained on other samples"
         assert abs(result["losses"][step] - ref["losses"][step]) < 1e-5, (step, result["losses"][step], ref["losses"][step])
+        assert abs(result["grad_norms"][step] - ref["grad_norms"][step]) < 1e-5, (step, result["grad_norms"][step])
     assert sorted(result["losses"]) == list(steps)
     params, ref_params = result["params"], ref["params"]
     assert params.keys() == ref_params.keys()
