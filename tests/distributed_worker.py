@@ -75,8 +75,11 @@ def model_config(spec: dict) -> ModelSection:
                            "n_layers": spec.get("n_layers", MODEL["n_layers"])})
 
 
-def init_path(out_dir: Path, spec: dict) -> Path:
-    """Where the initial weights of the spec's model (tied or not, its depth) are."""
+def init_path(out_dir: Path, spec: dict) -> Path | None:
+    """Where the initial weights of the spec's model (tied or not, its depth) are; None for a spec
+    "from_seed", which the trainer initialises from the seed."""
+    if spec.get("from_seed"):
+        return None
     layers = spec.get("n_layers", MODEL["n_layers"])
     return out_dir / f"init-tied{int(spec.get('tie_embeddings', False))}-layers{layers}.safetensors"
 
@@ -90,7 +93,7 @@ def train_config(spec: dict, world_size: int) -> PretrainSection:
                            spike_factor=0.0, peak_flops=1e11, nproc=world_size, parallel=parallel)
 
 
-def run_variant(spec: dict, out_dir: Path, init_from: Path) -> dict:
+def run_variant(spec: dict, out_dir: Path, init_from: Path | None) -> dict:
     """Train one spec from the weights in `init_from`; return losses, rows per step and full weights (rank 0)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, model_cfg = train_config(spec, world_size), model_config(spec)

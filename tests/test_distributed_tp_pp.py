@@ -20,6 +20,8 @@ PP = {"strategy": "pp", "pp": 2}
 TWO_PROCESSES = [
     {"name": "tp", **TP, "micro_batch_size": 8},
     {"name": "tp_accumulate", **TP, "micro_batch_size": 4},
+    # no initial weights file: every rank builds the model from the seed, and must hold one process's weights
+    {"name": "tp_from_seed", **TP, "micro_batch_size": 4, "from_seed": True},
     {"name": "pp_gpipe", **PP, "pp_schedule": "gpipe", "micro_batch_size": 8},
     {"name": "pp_gpipe_accumulate", **PP, "pp_schedule": "gpipe", "micro_batch_size": 2},
     {"name": "pp_1f1b", **PP, "pp_schedule": "1f1b", "micro_batch_size": 4},
@@ -36,6 +38,7 @@ TWO_PROCESSES = [
 FOUR_PROCESSES = [  # 2 FSDP groups x TP 2: micro_batch_size 4 is 1 micro-batch per step and group, 2 is 2
     {"name": "fsdp_tp", "strategy": "fsdp_tp", "tp": 2, "micro_batch_size": 4},
     {"name": "fsdp_tp_accumulate", "strategy": "fsdp_tp", "tp": 2, "micro_batch_size": 2},
+    {"name": "fsdp_tp_from_seed", "strategy": "fsdp_tp", "tp": 2, "micro_batch_size": 4, "from_seed": True},
 ]
 EQUIVALENT = [s["name"] for s in TWO_PROCESSES if s.get("kind", "train") == "train" and "stop_after" not in s]
 
@@ -50,8 +53,10 @@ def runs(tmp_path_factory):
     print(f"\n2-process launch: {len(TWO_PROCESSES)} tp/pp variants in {seconds:.1f} s")
     seconds = launch(out, FOUR_PROCESSES, nproc=4)
     print(f"4-process launch: {len(FOUR_PROCESSES)} fsdp_tp variants in {seconds:.1f} s")
-    refs = {(6, 2): reference(out, {"name": "ref6"}), (6, 4): reference(out, {"name": "ref6_layers4", "n_layers": 4}),
-            (8, 2): reference(out, {"name": "ref8", "steps": 8})}
+    refs = {(6, 2, False): reference(out, {"name": "ref6"}),
+            (6, 4, False): reference(out, {"name": "ref6_layers4", "n_layers": 4}),
+            (6, 2, True): reference(out, {"name": "ref6_from_seed", "from_seed": True}),
+            (8, 2, False): reference(out, {"name": "ref8", "steps": 8})}
     return out, refs
 
 
@@ -64,7 +69,8 @@ def test_strategy_matches_one_process(runs, name):
     steps = spec.get("steps", 6)
     result, rows = _load(out, name)
     first = 5 if "resume_from" in spec else 1
-    _assert_matches(result, rows, refs[(steps, spec.get("n_layers", 2))], range(first, steps + 1))
+    _assert_matches(result, rows, refs[(steps, spec.get("n_layers", 2), spec.get("from_seed", False))],
+                    range(first, steps + 1))
 
 
 @pytest.mark.distributed
@@ -75,7 +81,7 @@ def test_pipeline_checkpoint_resumes_in_one_process(runs):
     saved, _ = _load(out, "pp_save")
     assert sorted(saved["losses"]) == [1, 2, 3, 4]
     resumed = reference(out, {"name": "pp_to_single", "steps": 8, "resume_from": "pp_save"})
-    _assert_matches(resumed, {k: sorted(v) for k, v in resumed["rows"].items()}, refs[(8, 2)], range(5, 9))
+    _assert_matches(resumed, {k: sorted(v) for k, v in resumed["rows"].items()}, refs[(8, 2, False)], range(5, 9))
 
 
 @pytest.mark.distributed

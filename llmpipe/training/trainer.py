@@ -223,9 +223,11 @@ class Trainer:
         self.accumulation = accumulation_steps(cfg, self.tokens_per_micro_batch, self.layout.dp, section)
         self.mesh = env.build_mesh(self.layout, self.device.type)
         # sharded strategies build on the meta device: a model larger than one host's memory
-        # exists only as its shards
-        on_meta = self.env.world_size > 1 and (cfg.parallel.strategy in SHARDED or self.layout.tp > 1
-                                                or self.layout.pp > 1)
+        # exists only as its shards. Not on CPU: DTensor's random init is CUDA-only, so there every
+        # shard would get the same numbers (duplicate heads, rows); CPU ranks build the whole model
+        # seeded, as one process does, and parallelize keeps their pieces
+        on_meta = self.env.world_size > 1 and self.device.type == "cuda" and (
+            cfg.parallel.strategy in SHARDED or self.layout.tp > 1 or self.layout.pp > 1)
         torch.manual_seed(seed)
         model = build_model(model_cfg, "meta" if on_meta else self.device, None if on_meta else init_from)
         fsdp_bf16 = self.dtype if cfg.parallel.strategy in SHARDED and self.device.type == "cuda" else None
