@@ -90,7 +90,8 @@ def train_config(spec: dict, world_size: int) -> PretrainSection:
     return PretrainSection(max_steps=spec.get("steps", 6), batch_tokens=BATCH_TOKENS,
                            micro_batch_size=spec.get("micro_batch_size", 2), lr=3e-3, warmup_steps=2,
                            eval_every=0, checkpoint_every=spec.get("checkpoint_every", 0), log_every=1,
-                           spike_factor=0.0, peak_flops=1e11, nproc=world_size, parallel=parallel)
+                           spike_factor=0.0, peak_flops=1e11, nproc=world_size, parallel=parallel,
+                           activation_checkpointing=spec.get("activation_checkpointing", False))
 
 
 def run_variant(spec: dict, out_dir: Path, init_from: Path | None) -> dict:

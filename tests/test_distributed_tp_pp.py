@@ -20,20 +20,24 @@ PP = {"strategy": "pp", "pp": 2}
 TWO_PROCESSES = [
     {"name": "tp", **TP, "micro_batch_size": 8},
     {"name": "tp_accumulate", **TP, "micro_batch_size": 4},
+    {"name": "tp_checkpointed", **TP, "micro_batch_size": 4, "activation_checkpointing": True},
     # no initial weights file: every rank builds the model from the seed, and must hold one process's weights
     {"name": "tp_from_seed", **TP, "micro_batch_size": 4, "from_seed": True},
     {"name": "pp_gpipe", **PP, "pp_schedule": "gpipe", "micro_batch_size": 8},
     {"name": "pp_gpipe_accumulate", **PP, "pp_schedule": "gpipe", "micro_batch_size": 2},
     {"name": "pp_1f1b", **PP, "pp_schedule": "1f1b", "micro_batch_size": 4},
+    # blocks recomputed in backward: the stages are views of the wrapped blocks
+    {"name": "pp_1f1b_checkpointed", **PP, "pp_schedule": "1f1b", "micro_batch_size": 4, "activation_checkpointing": True},
     # 4 stages of one block, two per rank (0 and 2 on rank 0)
     {"name": "pp_interleaved_1f1b", **PP, "pp_schedule": "interleaved_1f1b", "pp_virtual_stages": 2, "n_layers": 4,
      "micro_batch_size": 2},
     # resharding (FSDP-2 into TP-2 and PP-2 is in test_distributed.py): PP-2 saves at step 4, one process resumes
     {"name": "pp_save", **PP, "pp_schedule": "1f1b", "micro_batch_size": 4, "steps": 8, "checkpoint_every": 4,
      "stop_after": 4},
-    # the pretrain stage under pp: validation through the schedule (2 micro-batches, one call), release weights
+    # the pretrain stage under pp: 3 validation micro-batches through a schedule of 2 (the last call
+    # padded), release weights gathered from both stages
     {"name": "pretrain_pp", "kind": "pretrain", "strategy": "pp", "parallel": {"pp": 2, "pp_schedule": "1f1b"},
-     "pretrain": {}},
+     "pretrain": {"eval_steps": 3}},
 ]
 FOUR_PROCESSES = [  # 2 FSDP groups x TP 2: micro_batch_size 4 is 1 micro-batch per step and group, 2 is 2
     {"name": "fsdp_tp", "strategy": "fsdp_tp", "tp": 2, "micro_batch_size": 4},
