@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_worker import init_weights, run_pretrain_stage, run_variant
+from distributed_worker import init_path, init_weights, run_pretrain_stage, run_variant
 from model_fixtures import write_shards
 from safetensors.torch import load_file
 
@@ -61,14 +61,14 @@ def reference(out_dir: Path, spec: dict) -> dict:
     """One process (no process group) on the same global batch: micro-batches of 2, 4 per step."""
     torch.set_num_threads(1)
     spec = {"micro_batch_size": 2, **spec}
-    return run_variant(spec, out_dir, out_dir / f"init-tied{int(spec.get('tie_embeddings', False))}.safetensors")
+    return run_variant(spec, out_dir, init_path(out_dir, spec))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     for tied in (False, True):
-        init_weights({"tie_embeddings": tied}, out / f"init-tied{int(tied)}.safetensors")
+        init_weights({"tie_embeddings": tied}, init_path(out, {"tie_embeddings": tied}))
     write_shards(out / "shards")
     seconds = launch(out, TWO_PROCESSES, nproc=2)
     print(f"\n2-process launch: {len(TWO_PROCESSES)} variants in {seconds:.1f} s")
@@ -97,6 +97,7 @@ def _assert_matches(result: dict, rows: dict, ref: dict, steps: range) -> None:
     for step in steps:
         assert rows[step] == ref_rows[step], f"step {step} trained on other samples"
         assert abs(result["losses"][step] - ref["losses"][step]) < 1e-5, (step, result["losses"][step], ref["losses"][step])
+        assert abs(result["grad_norms"][step] - ref["grad_norms"][step]) < 1e-5, (step, result["grad_norms"][step])
     assert sorted(result["losses"]) == list(steps)
     params, ref_params = result["params"], ref["params"]
     assert params.keys() == ref_params.keys()

@@ -222,10 +222,11 @@ class Trainer:
         self.tokens_per_micro_batch = cfg.micro_batch_size * model_cfg.seq_len  # on one rank
         self.accumulation = accumulation_steps(cfg, self.tokens_per_micro_batch, self.layout.dp, section)
         self.mesh = env.build_mesh(self.layout, self.device.type)
-        # sharded strategies build on the meta device on GPUs: a model larger than one host's memory
-        # exists only as its shards, initialised by DTensor's random ops. On CPU those draw the same
-        # numbers on every shard, so the (small) model is built whole on every rank, then sharded.
-        on_meta = self.env.world_size > 1 and self.device.type != "cpu" and (
+        # sharded strategies build on the meta device: a model larger than one host's memory
+        # exists only as its shards. Not on CPU: DTensor's random init is CUDA-only, so there every
+        # shard would get the same numbers (duplicate heads, rows); CPU ranks build the whole model
+        # seeded, as one process does, and parallelize keeps their pieces
+        on_meta = self.env.world_size > 1 and self.device.type == "cuda" and (
             cfg.parallel.strategy in SHARDED or self.layout.tp > 1 or self.layout.pp > 1)
         torch.manual_seed(seed)
         model = build_model(model_cfg, "meta" if on_meta else self.device, None if on_meta else init_from)
@@ -287,7 +288,7 @@ class Trainer:
         batches = [_to_device(task.train_loader.next_batch(), self.device) for _ in range(accumulation)]
         if p.schedule is not None:  # the schedule splits the step's batch into the same micro-batches
             with p.loss_context():
-                return self._pipeline_loss(task, _concat(batches), train=True).detach(), {}
+                return self._pipeline_losses(task, _concat(batches), train=True).mean().detach(), {}
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict[str, torch.Tensor] = {}
         for micro, batch in enumerate(batches):
@@ -301,16 +302,16 @@ class Trainer:
                 metric_sums[k] = metric_sums.get(k, 0.0) + env.plain(v.detach()) / accumulation
         return loss_sum, metric_sums
 
-    def _pipeline_loss(self, task: TrainTask, batch: Batch, train: bool) -> torch.Tensor:
-        """Run a step's batch through the pipeline schedule; the mean micro-batch loss on the last
-        stage, 0 elsewhere. Gradients come divided by the number of micro-batches."""
+    def _pipeline_losses(self, task: TrainTask, batch: Batch, train: bool) -> torch.Tensor:
+        """Run a step's batch through the pipeline schedule; the loss of each micro-batch on the
+        last stage, zeros elsewhere. Gradients come divided by the number of micro-batches."""
         p = self.parallel
         inputs, labels = task.split_batch(batch)
         losses: list[torch.Tensor] = []
         args = (inputs,) if p.has_first_stage else ()
         target = labels if p.has_last_stage else None
         (p.schedule.step if train else p.schedule.eval)(*args, target=target, losses=losses)
-        return torch.stack(losses).mean() if p.has_last_stage else torch.zeros((), device=self.device)
+        return torch.stack(losses) if p.has_last_stage else torch.zeros(self.accumulation, device=self.device)
 
     def _reduce(self, loss: torch.Tensor, norm: torch.Tensor, metrics: dict[str, torch.Tensor]) -> list[float]:
         """[global mean loss, grad norm, *metrics], the same numbers on every rank (one all-reduce)."""
@@ -329,21 +330,23 @@ class Trainer:
         for part in parts:
             part.eval()
         total, p = 0.0, self.parallel
-        # a pipeline evaluates a step's worth of micro-batches per schedule call: eval_steps rounded up
-        group = self.accumulation if p.schedule is not None else 1
-        calls = -(-task.eval_steps // group)
-        for _ in range(calls):
-            batch = _concat([_to_device(task.val_loader.next_batch(), self.device) for _ in range(group)])
-            with p.loss_context():
-                if p.schedule is not None:
-                    loss = self._pipeline_loss(task, batch, train=False)
-                else:
-                    with autocast(self.device, self.autocast_dtype):
-                        loss, _ = task.step_fn(p.forward, batch)
-            total += float(env.plain(loss))
+        batches = [_to_device(task.val_loader.next_batch(), self.device) for _ in range(task.eval_steps)]
+        if p.schedule is not None:
+            # a schedule call runs a step's worth of micro-batches: the last group is padded with
+            # repeats of its last micro-batch, whose losses are dropped (each window counts once)
+            group = self.accumulation
+            padded = batches + batches[-1:] * (-len(batches) % group)
+            for start in range(0, len(padded), group):
+                losses = self._pipeline_losses(task, _concat(padded[start:start + group]), train=False)
+                total += float(losses[:len(batches) - start].sum())
+        else:
+            for batch in batches:
+                with p.loss_context(), autocast(self.device, self.autocast_dtype):
+                    loss, _ = task.step_fn(p.forward, batch)
+                total += float(env.plain(loss))
         for part in parts:
             part.train()
-        mean = torch.tensor([total / calls * p.loss_weight], dtype=torch.float64, device=self.device)
+        mean = torch.tensor([total / task.eval_steps * p.loss_weight], dtype=torch.float64, device=self.device)
         return float(env.all_reduce_sum(mean)[0])
 
     def fit(self, task: TrainTask, state: LoopState, *, ckpt_root: Path, config: dict, tracker: Tracker | None = None,
