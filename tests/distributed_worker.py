@@ -101,7 +101,8 @@ def run_variant(spec: dict, out_dir: Path, init_from: Path | None) -> dict:
     trainer = Trainer(model_cfg, cfg, seed=SEED, init_from=init_from, loss_fn=next_token_loss)
     loader = RecordingLoader([token_stream()], SEQ_LEN, cfg.micro_batch_size, seed=SEED,
                              rank=trainer.dp_rank, world_size=trainer.dp_size)
-    task = TrainTask("pretrain", next_token_step, loader, split_batch=lambda batch: batch)
+    probe: dict = {}
+    task = TrainTask("pretrain", probing(next_token_step, probe), loader, split_batch=lambda batch: batch)
     ckpt_root = out_dir / spec["name"] / "checkpoints"
     if "resume_from" in spec and env.is_main():
         shutil.copytree(out_dir / spec["resume_from"] / "checkpoints", ckpt_root)
@@ -118,7 +119,22 @@ def run_variant(spec: dict, out_dir: Path, init_from: Path | None) -> dict:
     tracker = GradNormTracker()
     trainer.fit(task, state, ckpt_root=ckpt_root, config={}, tracker=tracker, stop_after=spec.get("stop_after"))
     return {"losses": losses, "rows": rows, "params": trainer.full_model_state(), "grad_norms": tracker.grad_norms,
-            "dp_rank": trainer.dp_rank, "loader": loader.state_dict()}
+            "dp_rank": trainer.dp_rank, "loader": loader.state_dict(), "probe": probe.get("grads")}
+
+
+def probing(step_fn, probe: dict):
+    """`step_fn`, noting the gradients it finds at its second call (with accumulation: after the
+    first micro-batch's backward): None where there is none, else the sum of a plain tensor's."""
+    calls = []
+
+    def step(model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            probe["grads"] = [None if p.grad is None else float(p.grad.sum()) if type(p.grad) is torch.Tensor
+                              else "dtensor" for p in model.parameters()]
+        return step_fn(model, batch)
+
+    return step
 
 
 def run_pretrain_stage(spec: dict, out_dir: Path) -> dict:
@@ -177,7 +193,7 @@ def main(out_dir: Path, specs: list[dict]) -> None:
             continue
         result = run_variant(spec, out_dir, init)
         (out_dir / f"{spec['name']}.rank{rank}.json").write_text(
-            json.dumps({"dp_rank": result["dp_rank"], "rows": result["rows"]}))
+            json.dumps({"dp_rank": result["dp_rank"], "rows": result["rows"], "probe": result["probe"]}))
         if env.is_main():
             torch.save({k: result[k] for k in ("losses", "grad_norms", "params", "loader")},
                        out_dir / f"{spec['name']}.pt")

@@ -166,3 +166,19 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(runs):
     out, _ = runs
     stopped = [json.loads((out / f"guard.rank{r}.json").read_text())["stopped"] for r in range(2)]
     assert all(message is not None and message.startswith("step 3: loss nan") for message in stopped), stopped
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_accumulated_micro_batches_are_reduced_once_per_step(runs):
+    """After the first of two micro-batches, DDP ranks hold their own, different gradients (no
+    all-reduce yet) and FSDP ranks none at all (no reduce-scatter yet)."""
+    out, _ = runs
+    probes = {name: [json.loads((out / f"{name}.rank{r}.json").read_text())["probe"] for r in range(2)]
+              for name in ("ddp_accumulate", "zero1_accumulate", "zero2_accumulate", "fsdp_accumulate")}
+    for name in ("ddp_accumulate", "zero1_accumulate"):
+        rank0, rank1 = probes[name]
+        assert all(isinstance(g, float) for g in rank0 + rank1), name
+        assert all(a != b for a, b in zip(rank0, rank1)), name
+    for name in ("zero2_accumulate", "fsdp_accumulate"):
+        assert all(g is None for rank in probes[name] for g in rank), name
