@@ -95,15 +95,15 @@ def rank_stages(pp_rank: int, cfg: ParallelConfig) -> list[int]:
 
 def build_schedule(model: Transformer, cfg: ParallelConfig, pp_group: dist.ProcessGroup, microbatches: int,
                    device: torch.device, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-                   ) -> tuple[PipelineScheduleSingle | PipelineScheduleMulti, list[PipelineStage]]:
-    """The schedule running this rank's stages of `model` (pruned by `prune_to_rank`, then
-    parallelized: stages are views of its modules as they are now, wrappers included).
+                   ) -> PipelineScheduleSingle | PipelineScheduleMulti:
+    """The schedule running this rank's stages of `model` (checked by `check_pipeline`, pruned by
+    `prune_to_rank`, then parallelized: stages are views of its modules as they are now, wrappers
+    included).
 
     `schedule.step(x, target=y, losses=losses)` takes the step's whole batch x, y (B, T) on every
     rank, splits it into `microbatches`, and appends each micro-batch's `loss_fn(logits, y)` to
     `losses` on the last stage's rank; gradients are divided by `microbatches`.
     """
-    check_pipeline(cfg, model.cfg.n_layers, microbatches)
     pp_rank = dist.get_rank(pp_group)
     n_stages = cfg.pp * stages_per_rank(cfg)
     layers = stage_layers(model.cfg.n_layers, n_stages)
@@ -111,4 +111,4 @@ def build_schedule(model: Transformer, cfg: ParallelConfig, pp_group: dist.Proce
                             group=pp_group) for s in rank_stages(pp_rank, cfg)]
     schedule_class = SCHEDULES[cfg.pp_schedule]
     runs = stages if issubclass(schedule_class, PipelineScheduleMulti) else stages[0]
-    return schedule_class(runs, n_microbatches=microbatches, loss_fn=loss_fn), stages
+    return schedule_class(runs, n_microbatches=microbatches, loss_fn=loss_fn)
