@@ -121,12 +121,12 @@ def run_variant(spec: dict, out_dir: Path, init_from: Path | None) -> dict:
             "dp_rank": trainer.dp_rank, "loader": loader.state_dict()}
 
 
-def run_pretrain_stage(spec: dict, out_dir: Path, init_from: Path) -> dict:
-    """The pretrain stage's library function as the launch worker calls it: rank 0 writes the outputs."""
+def run_pretrain_stage(spec: dict, out_dir: Path) -> dict:
+    """The pretrain stage's library function as the launch worker calls it (initial weights from
+    the config and the seed): rank 0 writes the outputs."""
     cfg = PretrainSection(**{**PRETRAIN, **spec["pretrain"], "nproc": int(os.environ.get("WORLD_SIZE", "1")),
                              "parallel": ParallelConfig(strategy=spec["strategy"], **spec.get("parallel", {}))})
-    return run_pretrain(model_config(spec), cfg, out_dir / "shards", out_dir / spec["name"], seed=SEED,
-                        init_from=init_from)
+    return run_pretrain(model_config(spec), cfg, out_dir / "shards", out_dir / spec["name"], seed=SEED)
 
 
 def run_guard(spec: dict, out_dir: Path, init_from: Path) -> dict:
@@ -172,7 +172,7 @@ def main(out_dir: Path, specs: list[dict]) -> None:
         kind = spec.get("kind", "train")
         rank = int(os.environ.get("RANK", "0"))  # the process group is joined by the first Trainer
         if kind != "train":
-            result = (run_pretrain_stage if kind == "pretrain" else run_guard)(spec, out_dir, init)
+            result = run_pretrain_stage(spec, out_dir) if kind == "pretrain" else run_guard(spec, out_dir, init)
             (out_dir / f"{spec['name']}.rank{rank}.json").write_text(json.dumps(result))
             continue
         result = run_variant(spec, out_dir, init)

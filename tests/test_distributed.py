@@ -105,17 +105,29 @@ def _assert_matches(result: dict, rows: dict, ref: dict, steps: range) -> None:
     assert worst < 1e-4, worst
 
 
+def assert_resumes_in_one_process(out: Path, saved: str, ref: dict) -> dict:
+    """Variant `saved` stopped after step 4; this process resumes its checkpoint: steps 5-8 as `ref`."""
+    result, _ = _load(out, saved)
+    assert sorted(result["losses"]) == [1, 2, 3, 4]
+    resumed = reference(out, {"name": f"{saved}_to_single", "steps": 8, "resume_from": saved})
+    _assert_matches(resumed, {k: sorted(v) for k, v in resumed["rows"].items()}, ref, range(5, 9))
+    return resumed
+
+
+def assert_variant_matches(out: Path, spec: dict, ref: dict) -> None:
+    """A variant's steps (5-8 when it resumed a step-4 checkpoint) against one process's."""
+    result, rows = _load(out, spec["name"])
+    steps = spec.get("steps", 6)
+    _assert_matches(result, rows, ref, range(5 if "resume_from" in spec else 1, steps + 1))
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EQUIVALENT)
 def test_strategy_matches_one_process(runs, name):
     out, refs = runs
     spec = next(s for s in TWO_PROCESSES if s["name"] == name)
-    steps = spec.get("steps", 6)
-    result, rows = _load(out, name)
-    ref = refs[(steps, spec.get("tie_embeddings", False))]
-    first = int(spec.get("resume_from") is not None) * 4 + 1
-    _assert_matches(result, rows, ref, range(first, steps + 1))
+    assert_variant_matches(out, spec, refs[(spec.get("steps", 6), spec.get("tie_embeddings", False))])
 
 
 @pytest.mark.distributed
@@ -123,21 +135,19 @@ def test_strategy_matches_one_process(runs, name):
 def test_fsdp_checkpoint_resumes_in_one_process(runs):
     """Saved by FSDP on 2 ranks at step 4, resumed here without a process group: steps 5-8 as uninterrupted."""
     out, refs = runs
-    saved, _ = _load(out, "fsdp_save")
-    assert sorted(saved["losses"]) == [1, 2, 3, 4]
-    resumed = reference(out, {"name": "fsdp_to_single", "steps": 8, "resume_from": "fsdp_save"})
-    _assert_matches(resumed, {k: sorted(v) for k, v in resumed["rows"].items()}, refs[(8, False)], range(5, 9))
+    resumed = assert_resumes_in_one_process(out, "fsdp_save", refs[(8, False)])
     assert resumed["loader"] == refs[(8, False)]["loader"]
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_pretrain_stage_on_two_ranks_matches_one_process(runs, tmp_path):
-    """run_pretrain under torchrun: FSDP checkpoints, validation and the gathered release weights."""
+    """run_pretrain under torchrun: the same initial weights from the seed, FSDP checkpoints,
+    validation and the gathered release weights."""
     out, _ = runs
     spec = next(s for s in TWO_PROCESSES if s["name"] == "pretrain_fsdp")
     ranks = [json.loads((out / f"pretrain_fsdp.rank{r}.json").read_text()) for r in range(2)]
-    one = run_pretrain_stage({**spec, "name": "pretrain_single"}, out, init_path(out, spec))
+    one = run_pretrain_stage({**spec, "name": "pretrain_single"}, out)
     two = ranks[0]
     assert two["world_size"] == 2 and two["accumulation"] == 2 and one["accumulation"] == 4
     assert two["steps"] == one["steps"] == 8 and two["tokens"] == one["tokens"]

@@ -13,7 +13,7 @@ import pytest
 from distributed_worker import init_path, init_weights, run_pretrain_stage
 from model_fixtures import write_shards
 from safetensors.torch import load_file
-from test_distributed import _assert_matches, _load, launch, reference
+from test_distributed import assert_resumes_in_one_process, assert_variant_matches, launch, reference
 
 TP = {"strategy": "tp", "tp": 2}
 PP = {"strategy": "pp", "pp": 2}
@@ -70,11 +70,7 @@ def runs(tmp_path_factory):
 def test_strategy_matches_one_process(runs, name):
     out, refs = runs
     spec = next(s for s in TWO_PROCESSES + FOUR_PROCESSES if s["name"] == name)
-    steps = spec.get("steps", 6)
-    result, rows = _load(out, name)
-    first = 5 if "resume_from" in spec else 1
-    _assert_matches(result, rows, refs[(steps, spec.get("n_layers", 2), spec.get("from_seed", False))],
-                    range(first, steps + 1))
+    assert_variant_matches(out, spec, refs[(spec.get("steps", 6), spec.get("n_layers", 2), spec.get("from_seed", False))])
 
 
 @pytest.mark.distributed
@@ -82,10 +78,7 @@ def test_strategy_matches_one_process(runs, name):
 def test_pipeline_checkpoint_resumes_in_one_process(runs):
     """Saved by two pipeline stages at step 4 (each rank its layers), resumed without a process group."""
     out, refs = runs
-    saved, _ = _load(out, "pp_save")
-    assert sorted(saved["losses"]) == [1, 2, 3, 4]
-    resumed = reference(out, {"name": "pp_to_single", "steps": 8, "resume_from": "pp_save"})
-    _assert_matches(resumed, {k: sorted(v) for k, v in resumed["rows"].items()}, refs[(8, 2, False)], range(5, 9))
+    assert_resumes_in_one_process(out, "pp_save", refs[(8, 2, False)])
 
 
 @pytest.mark.distributed
@@ -95,8 +88,7 @@ def test_pretrain_stage_on_a_pipeline_matches_one_process(runs):
     out, _ = runs
     spec = next(s for s in TWO_PROCESSES if s["name"] == "pretrain_pp")
     ranks = [json.loads((out / f"pretrain_pp.rank{r}.json").read_text()) for r in range(2)]
-    one = run_pretrain_stage({**spec, "name": "pretrain_pp_single", "strategy": "ddp", "parallel": {}}, out,
-                             init_path(out, spec))
+    one = run_pretrain_stage({**spec, "name": "pretrain_pp_single", "strategy": "ddp", "parallel": {}}, out)
     assert ranks[0]["steps"] == one["steps"] == 8 and ranks[0]["accumulation"] == 2 == one["accumulation"]
     for rank in ranks:  # the last stage's numbers, on every rank
         assert abs(rank["train_loss"] - one["train_loss"]) < 1e-5 and abs(rank["val_loss"] - one["val_loss"]) < 1e-5

@@ -2,9 +2,9 @@
 
 The contract with the trainer (llmpipe/training/trainer.py) is `ParallelModel`:
 
-- `model_parts`: the modules this rank trains and checkpoints (the whole model, or this rank's
-  pipeline stages under pp). Their parameter names are the single-device model's names, so
-  checkpoints (DCP) reshard between strategies.
+- `model_parts`: the modules this rank trains and checkpoints: one, the model (under pp, pruned
+  to this rank's stages). Parameter names are the single-device model's names, so checkpoints
+  (DCP) reshard between strategies.
 - `forward`: what a stage's `step_fn(forward, batch)` calls (a DDP wrapper or the model itself);
   None under pp, where the trainer calls `schedule.step(inputs, target=labels, losses=...)` once
   per optimizer step with the step's whole batch (its micro-batches concatenated).
@@ -147,16 +147,14 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
     if pp_mesh is not None:  # this rank keeps its stages' blocks, under their global names
         check_pipeline(cfg.parallel, model.cfg.n_layers, pp_microbatches)  # before any work, not at the first step
         prune_to_rank(model, pp_mesh.get_local_rank(), cfg.parallel)
-    parts = [model]
     tp_mesh = submesh(mesh, "tp")
     if tp_mesh is not None:  # + sequence parallel, + loss parallel: the logits stay vocabulary-sharded
         apply_tp(model, tp_mesh)
-    for part in parts:
-        if cfg.activation_checkpointing:
-            _checkpoint_blocks(part)
-        if cfg.compile:
-            for block in part.trf_blocks.values():
-                block.compile()  # in place: parameter names stay the model's
+    if cfg.activation_checkpointing:
+        _checkpoint_blocks(model)
+    if cfg.compile:
+        for block in model.trf_blocks.values():
+            block.compile()  # in place: parameter names stay the model's
     dp_mesh = submesh(mesh, "dp")
     forward: nn.Module | None = model
     mixed_precision = False
@@ -165,10 +163,9 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if mixed_precision \
             else MixedPrecisionPolicy()
         reshard = strategy != "zero2"
-        for part in parts:
-            for block in part.trf_blocks.values():
-                fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
-            fully_shard(part, mesh=dp_mesh, mp_policy=policy)
+        for block in model.trf_blocks.values():
+            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(model, mesh=dp_mesh, mp_policy=policy)
     elif dp_mesh is not None:  # ddp, zero1
         device_ids = [device.index] if device.type == "cuda" else None
         forward = DistributedDataParallel(model, device_ids=device_ids, process_group=dp_mesh.get_group())
@@ -178,7 +175,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
             return build_schedule(model, cfg.parallel, pp_mesh.get_group(), pp_microbatches, device, loss_fn)
 
         forward = None
-    return ParallelModel(model_parts=parts, forward=forward, layout=layout, mesh=mesh, strategy=strategy,
+    return ParallelModel(model_parts=[model], forward=forward, layout=layout, mesh=mesh, strategy=strategy,
                          schedule_factory=schedule_factory, has_first_stage=model.tok_emb is not None,
                          has_last_stage=model.norm_f is not None, loss_parallel=tp_mesh is not None,
                          mixed_precision=mixed_precision)

@@ -381,6 +381,11 @@ class Trainer:
 
         window_tokens, window_time = 0, 0.0
         bar = progress(cfg.max_steps, task.name, unit="step", initial=state.step, enabled=main)
+
+        def say(line: str) -> None:  # rank 0 speaks for all (the numbers are all-reduced)
+            if main:
+                bar.write(line)
+
         while state.step < cfg.max_steps:
             step = state.step
             t0 = time.perf_counter()
@@ -417,13 +422,13 @@ class Trainer:
                                      "train/peak_mem_mb": peak_memory_mb(self.device), "train/tokens": state.tokens,
                                      **{f"train/{k}": v for k, v in zip(metric_sums, metric_values)}},
                                     step=state.step)
-                bar.write(f"step {state.step:6d}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} "
+                say(f"step {state.step:6d}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} "
                           f"gnorm {grad_norm:.3f} tok/s {tps:,.0f} mfu {mfu:.1%}")
                 window_tokens, window_time = 0, 0.0
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
                 log_eval()
                 if state.val_loss is not None:
-                    bar.write(f"step {state.step:6d} val loss {state.val_loss:.4f}")
+                    say(f"step {state.step:6d} val loss {state.val_loss:.4f}")
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
                 save(state.step)
             for callback in self.on_step_end:
