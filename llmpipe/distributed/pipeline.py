@@ -28,6 +28,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 
 from llmpipe.config import ParallelConfig
+from llmpipe.errors import BadValue
 from llmpipe.model.model import Transformer
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -41,13 +42,13 @@ def check_pipeline(cfg: ParallelConfig, n_layers: int, microbatches: int) -> Non
     """Enough blocks for every stage, enough micro-batches for the schedule (one-line errors)."""
     n_stages = cfg.pp * stages_per_rank(cfg)
     if n_layers < n_stages:
-        raise ValueError(f"model.n_layers={n_layers} must be >= parallel.pp * stages per rank = {n_stages} "
+        raise BadValue(f"model.n_layers={n_layers} must be >= parallel.pp * stages per rank = {n_stages} "
                          f"with parallel.pp_schedule={cfg.pp_schedule} (one block or more per stage)")
     if cfg.pp_schedule == "1f1b" and microbatches < cfg.pp:
-        raise ValueError(f"parallel.pp_schedule=1f1b needs gradient accumulation steps (batch_tokens / (micro_batch_size "
+        raise BadValue(f"parallel.pp_schedule=1f1b needs gradient accumulation steps (batch_tokens / (micro_batch_size "
                          f"* seq_len)) = {microbatches} >= parallel.pp={cfg.pp} micro-batches per step")
     if cfg.pp_schedule == "interleaved_1f1b" and microbatches % cfg.pp:
-        raise ValueError(f"parallel.pp_schedule=interleaved_1f1b needs gradient accumulation steps (batch_tokens / "
+        raise BadValue(f"parallel.pp_schedule=interleaved_1f1b needs gradient accumulation steps (batch_tokens / "
                          f"(micro_batch_size * seq_len)) = {microbatches} to be a multiple of parallel.pp={cfg.pp}")
 
 
