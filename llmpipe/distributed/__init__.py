@@ -1,0 +1,1 @@
+"""Running training on several processes: launching torchrun workers, process groups, parallelism."""

@@ -1,0 +1,187 @@
+"""The launch boundary: training stages on torchrun workers, supervised, tracked, failing in one line.
+
+The multi-process tests run real torchrun jobs of 2 gloo workers on the tiny test model; each
+costs ~10 s before its first step (every worker imports torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from model_fixtures import MODEL, PRETRAIN, VOCAB, make_run_dir
+
+from llmpipe import faults
+from llmpipe.cli import build_parser, load_config
+from llmpipe.distributed.launch import LaunchFiles, describe_failure
+from llmpipe.supervise import supervised
+from llmpipe.tracking import MlflowTracker, init_store
+
+# --- fault injection -------------------------------------------------------------------------
+
+
+def test_fault_specs_name_stage_point_rank_and_action():
+    assert faults.parse("pretrain:step_3@rank1:raise,shard:before_manifest") == [
+        faults.Fault("pretrain", "step_3", 1, "raise"), faults.Fault("shard", "before_manifest", None, "kill")]
+    with pytest.raises(ValueError, match="stage:point"):
+        faults.parse("pretrain@rank1")
+
+
+def test_raise_fault_fires_only_on_its_rank(monkeypatch):
+    monkeypatch.setenv("LLMPIPE_FAULT", "pretrain:step_3@rank1:raise")
+    monkeypatch.setenv("RANK", "0")
+    faults.fault_point("pretrain", "step_3")
+    monkeypatch.setenv("RANK", "1")
+    faults.fault_point("pretrain", "step_2")
+    with pytest.raises(RuntimeError, match="^injected fault at step 3$"):
+        faults.fault_point("pretrain", "step_3")
+
+
+def test_kill_fault_is_a_sigkill():
+    code = "from llmpipe.faults import fault_point; fault_point('shard', 'before_manifest'); print('survived')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "LLMPIPE_FAULT": "shard:before_manifest"})
+    assert result.returncode == -signal.SIGKILL and "survived" not in result.stdout
+
+
+# --- supervision, tracking, failure messages -------------------------------------------------
+
+
+def test_supervised_group_is_stopped_when_the_block_fails():
+    with pytest.raises(KeyboardInterrupt):
+        with supervised(["sh", "-c", "sleep 60 & sleep 60"]) as proc:
+            time.sleep(0.3)  # let the shell start its background child
+            raise KeyboardInterrupt
+    assert proc.returncode == -signal.SIGTERM
+    assert _processes_matching("sleep 60", pgid=proc.pid) == []  # the grandchild went with the group
+
+
+def test_attached_tracker_logs_to_the_run_without_ending_it(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    owner = MlflowTracker(uri, init_store(uri, tmp_path), run_name="pretrain")
+    attached = MlflowTracker.attach(uri, owner.run_id)
+    attached.log_metrics({"train/loss": 2.5}, step=1)
+    attached.log_metrics({"train/loss": 2.0}, step=2)
+    attached.close()
+    client = MlflowClient(uri)
+    assert client.get_run(owner.run_id).info.status == "RUNNING"
+    assert [(m.step, m.value) for m in client.get_metric_history(owner.run_id, "train/loss")] == [(1, 2.5), (2, 2.0)]
+    owner.close()
+    assert client.get_run(owner.run_id).info.status == "FINISHED"
+    with pytest.raises(Exception, match="not found|RESOURCE_DOES_NOT_EXIST"):
+        MlflowTracker.attach(uri, "0" * 32)
+
+
+TORCHRUN_SUMMARY = """\
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-21_23:00:28
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 7318)  (SIGKILL)
+  error_file: <N/A>
+"""
+
+
+def test_failure_line_is_the_first_recorded_error_then_torchruns_root_cause(tmp_path):
+    files = LaunchFiles.of(tmp_path)
+    files.root.mkdir()
+    assert describe_failure(files, 1, TORCHRUN_SUMMARY.splitlines()) == "worker rank 1 failed: killed by SIGKILL"
+    assert describe_failure(files, 1, ["", "ImportError: no module", ""]) == \
+        "torchrun failed (exit code 1): ImportError: no module"
+    files.error(0).write_text(json.dumps({"rank": 0, "error": "DistBackendError: connection closed", "time": 2.5}))
+    files.error(1).write_text(json.dumps({"rank": 1, "error": "RuntimeError: injected fault", "time": 2.4}))
+    assert describe_failure(files, 1, []) == "worker rank 1 failed: RuntimeError: injected fault"
+
+
+def test_nproc_option_only_on_training_stages():
+    args = build_parser().parse_args(["pretrain", "--config", "configs/tiny.yaml", "--nproc", "2"])
+    assert load_config(args).pretrain.nproc == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["shard", "--config", "configs/tiny.yaml", "--nproc", "2"])
+
+
+# --- real torchrun jobs ----------------------------------------------------------------------
+
+
+def _processes_matching(text: str, pgid: int | None = None) -> list[int]:
+    """Live processes whose command line contains `text` (and, if given, in process group `pgid`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if text in cmdline and state[0] != "Z" and (pgid is None or int(state[2]) == pgid):
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_until_gone(text: str, timeout_s: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := _processes_matching(text)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _config_file(tmp_path: Path, **pretrain) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"run": {"seed": 7}, "tokenizer": {"vocab_size": VOCAB}, "model": MODEL,
+                                    "pretrain": {**PRETRAIN, **pretrain}}))
+    return path
+
+
+def _llmpipe_pretrain(config: Path, run_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "llmpipe.training.pretrain", "--config", str(config), "--run-dir", str(run_dir), *args]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_crashed_worker_fails_the_stage_in_one_line_leaves_nothing_and_resumes(tmp_path):
+    run_dir = make_run_dir(tmp_path / "crash-run")
+    config = _config_file(tmp_path, max_steps=8, checkpoint_every=2)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    crashed = subprocess.run(_llmpipe_pretrain(config, run_dir, "--nproc", "2"), capture_output=True, text=True,
+                             env={**env, "LLMPIPE_FAULT": "pretrain:step_5@rank1:raise"}, timeout=300)
+    assert crashed.returncode == 2, crashed.stderr[-3000:]
+    assert crashed.stderr.strip().splitlines()[-1] == \
+        "llmpipe pretrain: pretrain: worker rank 1 failed: RuntimeError: injected fault at step 5"
+    assert "injected fault" in crashed.stdout  # the worker's traceback was streamed
+    assert _wait_until_gone(str(run_dir)) == []
+    assert not (run_dir / "pretrain" / "manifest.json").exists()
+
+    resumed = subprocess.run(_llmpipe_pretrain(config, run_dir, "--nproc", "2"), capture_output=True, text=True,
+                             env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    manifest = json.loads((run_dir / "pretrain" / "manifest.json").read_text())
+    assert manifest["counts"]["resumed_from_step"] == 4  # the last checkpoint before step 5
+    assert manifest["counts"]["steps"] == 8
+    assert not any(name.startswith(".") for name in manifest["files"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_killing_the_stage_process_kills_its_workers(tmp_path):
+    run_dir = make_run_dir(tmp_path / "kill-run")
+    config = _config_file(tmp_path, max_steps=100_000, checkpoint_every=0, eval_every=0, log_every=1)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    parent = subprocess.Popen(_llmpipe_pretrain(config, run_dir, "--nproc", "2"), env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in parent.stdout:  # wait until the workers are training
+        if line.startswith("step"):
+            break
+    assert len(_processes_matching(str(run_dir))) >= 3  # torchrun and two workers
+    parent.kill()
+    parent.wait()
+    assert _wait_until_gone(str(run_dir)) == []
