@@ -1,1 +1,5 @@
-"""Running training on several processes: launching torchrun workers, process groups, parallelism."""
+"""Everything that touches torch.distributed: process groups and meshes (`env`), `parallelize`
+(DDP, ZeRO-1/2/3, tensor, pipeline and 2-D parallel) and resharding checkpoints (`checkpoint`).
+
+Nothing else in llmpipe imports torch.distributed; the model stays single-device code.
+"""

@@ -1,0 +1,123 @@
+"""Training variants of a tiny model, run by every rank of a torchrun job (or by one process in pytest).
+
+    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py OUT_DIR SPECS_JSON
+
+Each spec names a strategy, a micro-batch size and optionally a checkpoint to resume from (copied
+from an earlier spec's output) and a step to stop after. For every spec, rank 0 writes
+OUT_DIR/<name>.pt with the per-step losses and the final full weights, and every rank writes
+OUT_DIR/<name>.rank<r>.json with the rows it trained on per step (their sha1s), so the pytest
+side compares all of it with one process on the same global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from model_fixtures import MODEL, synthetic_documents  # noqa: E402
+
+from llmpipe.config import ModelSection, ParallelConfig, PretrainSection  # noqa: E402
+from llmpipe.data.loader import TokenLoader  # noqa: E402
+from llmpipe.distributed import env  # noqa: E402
+from llmpipe.distributed.checkpoint import full_model_state  # noqa: E402
+from llmpipe.training.pretrain import next_token_loss  # noqa: E402
+from llmpipe.training.trainer import Trainer, TrainTask  # noqa: E402
+
+SEQ_LEN = MODEL["seq_len"]
+BATCH_TOKENS = 8 * SEQ_LEN  # 8 sequences per optimizer step, however they are split
+SEED = 11
+
+
+def token_stream() -> np.ndarray:
+    docs = synthetic_documents(300, seed=3)
+    return np.concatenate([np.concatenate([[0], d]) for d in docs]).astype(np.uint16)
+
+
+class RecordingLoader(TokenLoader):
+    """A TokenLoader that remembers a digest of every row it hands out."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows: list[str] = []
+
+    def next_batch(self):
+        x, y = super().next_batch()
+        self.rows += [hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in x]
+        return x, y
+
+
+def model_config(spec: dict) -> ModelSection:
+    return ModelSection(**{**MODEL, "tie_embeddings": spec.get("tie_embeddings", False)})
+
+
+def train_config(spec: dict, world_size: int) -> PretrainSection:
+    parallel = ParallelConfig(**{k: spec[k] for k in ("strategy", "tp", "pp", "pp_schedule") if k in spec})
+    return PretrainSection(max_steps=spec.get("steps", 6), batch_tokens=BATCH_TOKENS,
+                           micro_batch_size=spec.get("micro_batch_size", 2), lr=3e-3, warmup_steps=2,
+                           eval_every=0, checkpoint_every=spec.get("checkpoint_every", 0), log_every=100,
+                           spike_factor=0.0, peak_flops=1e11, nproc=world_size, parallel=parallel)
+
+
+def run_variant(spec: dict, out_dir: Path, init_from: Path) -> dict:
+    """Train one spec from the weights in `init_from`; return losses, rows per step and full weights (rank 0)."""
+    world_size = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    cfg, model_cfg = train_config(spec, world_size), model_config(spec)
+    trainer = Trainer(model_cfg, cfg, seed=SEED, init_from=init_from)
+    loader = RecordingLoader([token_stream()], SEQ_LEN, cfg.micro_batch_size, seed=SEED,
+                             rank=trainer.dp_rank, world_size=trainer.dp_size)
+    task = TrainTask("pretrain", next_token_loss, loader, tokens_per_batch=cfg.micro_batch_size * SEQ_LEN,
+                     split_batch=lambda batch: batch)
+    ckpt_root = out_dir / spec["name"] / "checkpoints"
+    if "resume_from" in spec and env.is_main():
+        shutil.copytree(out_dir / spec["resume_from"] / "checkpoints", ckpt_root)
+    env.barrier()
+    state = trainer.resume(ckpt_root, task)
+    losses, rows = {}, {}
+
+    def record(state) -> None:
+        losses[state.step] = state.train_loss
+        rows[state.step] = loader.rows
+        loader.rows = []
+
+    trainer.on_step_end.append(record)
+    trainer.fit(task, state, ckpt_root=ckpt_root, config={}, stop_after=spec.get("stop_after"))
+    return {"losses": losses, "rows": rows, "params": full_model_state(trainer.model_parts),
+            "dp_rank": trainer.dp_rank, "loader": loader.state_dict()}
+
+
+def init_weights(spec: dict, path: Path) -> Path:
+    """The seeded single-device initial weights every variant of this model starts from."""
+    from safetensors.torch import save_file
+
+    from llmpipe.training.trainer import build_model
+
+    torch.manual_seed(SEED)
+    model = build_model(model_config(spec), "cpu")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def main(out_dir: Path, specs: list[dict]) -> None:
+    torch.set_num_threads(1)
+    for spec in specs:
+        init = out_dir / f"init-tied{int(spec.get('tie_embeddings', False))}.safetensors"
+        result = run_variant(spec, out_dir, init)
+        rank = env.rank()
+        (out_dir / f"{spec['name']}.rank{rank}.json").write_text(
+            json.dumps({"dp_rank": result["dp_rank"], "rows": result["rows"]}))
+        if env.is_main():
+            torch.save({"losses": result["losses"], "params": result["params"], "loader": result["loader"]},
+                       out_dir / f"{spec['name']}.pt")
+    env.destroy()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), json.loads(sys.argv[2]))

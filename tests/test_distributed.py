@@ -1,0 +1,117 @@
+"""Every parallel strategy against one process on the same global batch, and checkpoints that reshard.
+
+One torchrun launch per world size runs all its variants one after another (tests/distributed_worker.py);
+the references run here, in this process, without a process group.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_worker import init_weights, run_variant
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+# (name, spec): 2 processes; the global batch is 8 sequences, so micro_batch_size 4 is 1 micro-batch
+# per step and rank, 2 is 2 (gradient accumulation without an all-reduce per micro-batch)
+TWO_PROCESSES = [
+    {"name": "ddp", "strategy": "ddp", "micro_batch_size": 4},
+    {"name": "ddp_accumulate", "strategy": "ddp", "micro_batch_size": 2},
+    {"name": "zero1_accumulate", "strategy": "zero1", "micro_batch_size": 2},
+    {"name": "zero2", "strategy": "zero2", "micro_batch_size": 4},
+    {"name": "zero2_accumulate", "strategy": "zero2", "micro_batch_size": 2},
+    {"name": "fsdp", "strategy": "fsdp", "micro_batch_size": 4},
+    {"name": "fsdp_accumulate", "strategy": "fsdp", "micro_batch_size": 2},
+    {"name": "fsdp_tied", "strategy": "fsdp", "micro_batch_size": 4, "tie_embeddings": True},
+    # resharding: FSDP-2 stops after step 4 (a checkpoint), then ZeRO-1 on 2 ranks resumes it
+    {"name": "fsdp_save", "strategy": "fsdp", "micro_batch_size": 2, "steps": 8, "checkpoint_every": 4, "stop_after": 4},
+    {"name": "fsdp_to_zero1", "strategy": "zero1", "micro_batch_size": 4, "steps": 8, "resume_from": "fsdp_save"},
+]
+EQUIVALENT = [s["name"] for s in TWO_PROCESSES if "stop_after" not in s]
+
+
+def launch(out_dir: Path, specs: list[dict], nproc: int, timeout: float = 600) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(WORKER), str(out_dir), json.dumps(specs)]
+    t0 = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return time.perf_counter() - t0
+
+
+def reference(out_dir: Path, spec: dict) -> dict:
+    """One process (no process group) on the same global batch: micro-batches of 2, 4 per step."""
+    torch.set_num_threads(1)
+    spec = {"micro_batch_size": 2, **spec}
+    return run_variant(spec, out_dir, out_dir / f"init-tied{int(spec.get('tie_embeddings', False))}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel")
+    for tied in (False, True):
+        init_weights({"tie_embeddings": tied}, out / f"init-tied{int(tied)}.safetensors")
+    seconds = launch(out, TWO_PROCESSES, nproc=2)
+    print(f"\n2-process launch: {len(TWO_PROCESSES)} variants in {seconds:.1f} s")
+    refs = {(6, False): reference(out, {"name": "ref6"}), (6, True): reference(out, {"name": "ref6_tied", "tie_embeddings": True}),
+            (8, False): reference(out, {"name": "ref8", "steps": 8})}
+    return out, refs
+
+
+def _load(out: Path, name: str) -> tuple[dict, dict[int, list[str]]]:
+    """Rank 0's results and, per step, the rows all data-parallel ranks trained on (sorted)."""
+    result = torch.load(out / f"{name}.pt", weights_only=True)
+    rows: dict[int, list[str]] = {}
+    seen_dp = set()
+    for path in sorted(out.glob(f"{name}.rank*.json")):
+        record = json.loads(path.read_text())
+        if record["dp_rank"] in seen_dp:  # tensor-parallel ranks share their data-parallel rank's rows
+            continue
+        seen_dp.add(record["dp_rank"])
+        for step, step_rows in record["rows"].items():
+            rows.setdefault(int(step), []).extend(step_rows)
+    return result, {k: sorted(v) for k, v in rows.items()}
+
+
+def _assert_matches(result: dict, rows: dict, ref: dict, steps: range) -> None:
+    ref_rows = {k: sorted(v) for k, v in ref["rows"].items()}
+    for step in steps:
+        assert rows[step] == ref_rows[step], f"step {step} trained on other samples"
+        assert abs(result["losses"][step] - ref["losses"][step]) < 1e-5, (step, result["losses"][step], ref["losses"][step])
+    assert sorted(result["losses"]) == list(steps)
+    params, ref_params = result["params"], ref["params"]
+    assert params.keys() == ref_params.keys()
+    worst = max((params[k] - ref_params[k]).abs().max().item() for k in params)
+    assert worst < 1e-4, worst
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EQUIVALENT)
+def test_strategy_matches_one_process(runs, name):
+    out, refs = runs
+    spec = next(s for s in TWO_PROCESSES if s["name"] == name)
+    steps = spec.get("steps", 6)
+    result, rows = _load(out, name)
+    ref = refs[(steps, spec.get("tie_embeddings", False))]
+    first = int(spec.get("resume_from") is not None) * 4 + 1
+    _assert_matches(result, rows, ref, range(first, steps + 1))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_in_one_process(runs):
+    """Saved by FSDP on 2 ranks at step 4, resumed here without a process group: steps 5-8 as uninterrupted."""
+    out, refs = runs
+    saved, _ = _load(out, "fsdp_save")
+    assert sorted(saved["losses"]) == [1, 2, 3, 4]
+    resumed = reference(out, {"name": "fsdp_to_single", "steps": 8, "resume_from": "fsdp_save"})
+    _assert_matches(resumed, {k: sorted(v) for k, v in resumed["rows"].items()}, refs[(8, False)], range(5, 9))
+    assert resumed["loader"] == refs[(8, False)]["loader"]
