@@ -64,9 +64,18 @@ def test_supervised_group_is_stopped_when_the_block_fails():
     assert _processes_matching("sleep 60", pgid=proc.pid) == []  # the grandchild went with the group
 
 
-def test_attached_tracker_logs_to_the_run_without_ending_it(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    owner = MlflowTracker(uri, init_store(uri, tmp_path), run_name="pretrain")
+@pytest.fixture(scope="module")
+def tracking_env(tmp_path_factory) -> dict[str, str]:
+    """The environment of a stage process whose MLflow store exists (made once: ~7 s on 2 cores)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    init_store(uri, root)
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri}
+
+
+def test_attached_tracker_logs_to_the_run_without_ending_it(tracking_env):
+    uri = tracking_env["MLFLOW_TRACKING_URI"]
+    owner = MlflowTracker(uri, init_store(uri), run_name="pretrain")
     attached = MlflowTracker.attach(uri, owner.run_id)
     attached.log_metrics({"train/loss": 2.5}, step=1)
     attached.log_metrics({"train/loss": 2.0}, step=2)
@@ -148,10 +157,10 @@ def _llmpipe_pretrain(config: Path, run_dir: Path, *args: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_crashed_worker_fails_the_stage_in_one_line_leaves_nothing_and_resumes(tmp_path):
+def test_crashed_worker_fails_the_stage_in_one_line_leaves_nothing_and_resumes(tmp_path, tracking_env):
     run_dir = make_run_dir(tmp_path / "crash-run")
     config = _config_file(tmp_path, max_steps=8, checkpoint_every=2)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = tracking_env
     crashed = subprocess.run(_llmpipe_pretrain(config, run_dir, "--nproc", "2"), capture_output=True, text=True,
                              env={**env, "LLMPIPE_FAULT": "pretrain:step_5@rank1:raise"}, timeout=300)
     assert crashed.returncode == 2, crashed.stderr[-3000:]
@@ -172,11 +181,10 @@ def test_crashed_worker_fails_the_stage_in_one_line_leaves_nothing_and_resumes(t
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_killing_the_stage_process_kills_its_workers(tmp_path):
+def test_killing_the_stage_process_kills_its_workers(tmp_path, tracking_env):
     run_dir = make_run_dir(tmp_path / "kill-run")
     config = _config_file(tmp_path, max_steps=100_000, checkpoint_every=0, eval_every=0, log_every=1)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    parent = subprocess.Popen(_llmpipe_pretrain(config, run_dir, "--nproc", "2"), env=env, text=True,
+    parent = subprocess.Popen(_llmpipe_pretrain(config, run_dir, "--nproc", "2"), env=tracking_env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for line in parent.stdout:  # wait until the workers are training
         if line.startswith("step"):

@@ -1,7 +1,8 @@
 """What each torchrun worker runs: `python -m llmpipe.distributed.worker <stage>/.launch/job.json`.
 
-A worker rebuilds the stage's context from the job file alone (the config is validated again),
-joins the process group, and runs the stage's in-process function. Rank 0 logs to the stage's
+A worker rebuilds the stage's context from the job file alone (the config is validated again)
+and runs the stage's in-process function, which joins torchrun's process group (the trainer's
+`env.init_distributed`). Rank 0 logs to the stage's
 MLflow run, attached by id (the parent created it and ends it); the other ranks get the null
 tracker. Each rank writes its result to `result-rank<N>.json`, or, when it crashes, one line
 about the error with the time to `error-rank<N>.json`, which the parent reads.
@@ -9,20 +10,16 @@ about the error with the time to `error-rank<N>.json`, which the parent reads.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
-
-import torch
-import torch.distributed as dist
 
 from llmpipe import io
 from llmpipe.config import validate
+from llmpipe.distributed import env
 from llmpipe.distributed.launch import LaunchFiles
 from llmpipe.paths import RunDir
 from llmpipe.stages import STAGES, StageContext
@@ -36,19 +33,6 @@ def tracker_for_rank(rank: int, tracking: dict) -> Tracker:
     return NullTracker()
 
 
-@contextlib.contextmanager
-def process_group() -> Iterator[None]:
-    """Join torchrun's job (gloo on CPU, NCCL on GPU) unless the stage's code already has."""
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def run_job(job: dict, rank: int) -> dict:
     config = validate(job["config"])
     stage = STAGES[job["stage"]]
@@ -56,10 +40,11 @@ def run_job(job: dict, rank: int) -> dict:
     ctx = StageContext(name=stage.name, run_dir=RunDir(config.run_dir), out_dir=Path(job["out_dir"]),
                        seed=config.run.seed, tracker=tracker)
     try:
-        with process_group():
-            return stage.function()(ctx, *[config.section(name) for name in stage.sections]) or {}
+        result = stage.function()(ctx, *[config.section(name) for name in stage.sections]) or {}
     finally:
         tracker.close()  # flushes the buffered metrics; an attached run stays open for the parent
+    env.destroy()  # not after a failure: a peer may be stuck in a collective with us
+    return result
 
 
 def main(job_path: str) -> None:
