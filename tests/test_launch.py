@@ -23,7 +23,7 @@ from llmpipe import faults
 from llmpipe.cli import build_parser, load_config
 from llmpipe.distributed.launch import LaunchFiles, describe_failure
 from llmpipe.supervise import supervised
-from llmpipe.tracking import MlflowTracker, init_store
+from llmpipe.tracking import EXPERIMENT, MlflowTracker, init_store, tracking_uri
 
 # --- fault injection -------------------------------------------------------------------------
 
@@ -193,3 +193,38 @@ def test_killing_the_stage_process_kills_its_workers(tmp_path, tracking_env):
     parent.kill()
     parent.wait()
     assert _wait_until_gone(str(run_dir)) == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_flow_trains_fsdp_on_two_workers_logs_one_run_and_is_cached_next_time(tmp_path, corpus_dir):
+    """The acceptance run, small: `llmpipe run --set pretrain.parallel.strategy=fsdp --set pretrain.nproc=2`."""
+    from flows.pipeline import pipeline
+
+    overrides = [f"tokenizer.input={corpus_dir}", f"shard.input={corpus_dir}", "tokenizer.vocab_size=600",
+                 "shard.seq_len=64", "shard.tokens_per_shard=4096", "run.name=launchflow",
+                 *(f"model.{key}={value}" for key, value in {**MODEL, "vocab_size": 640, "seq_len": 64}.items()),
+                 "pretrain.max_steps=6", "pretrain.batch_tokens=256", "pretrain.micro_batch_size=2",
+                 "pretrain.eval_every=0", "pretrain.checkpoint_every=0", "pretrain.log_every=1",
+                 "pretrain.peak_flops=1e11", "pretrain.parallel.strategy=fsdp", "pretrain.nproc=2"]
+    run_dir = tmp_path / "runs" / "launchflow"
+
+    def run():
+        return pipeline(config_path="configs/tiny.yaml", overrides=overrides, run_dir=str(run_dir))
+
+    first = run()
+    assert first["stages"] == {"tokenizer": "ran", "shard": "ran", "pretrain": "ran"}
+    manifest = json.loads((run_dir / "pretrain" / "manifest.json").read_text())
+    assert manifest["counts"]["world_size"] == 2 and manifest["counts"]["steps"] == 6
+    assert "model.safetensors" in manifest["files"]
+    client = MlflowClient(tracking_uri(run_dir.parent))
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    assert len(client.search_runs([experiment])) == 4  # the flow's run and one per stage: no worker made its own
+    (pretrain,) = client.search_runs([experiment], "tags.`llmpipe.stage` = 'pretrain'")
+    assert pretrain.info.status == "FINISHED" and pretrain.data.tags["mlflow.parentRunId"] == first["mlflow_run_id"]
+    assert [m.step for m in client.get_metric_history(pretrain.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert pretrain.data.metrics["steps"] == 6  # the parent logged rank 0's result as the stage's counts
+    assert "model.safetensors" in [a.path for a in client.list_artifacts(pretrain.info.run_id)]  # logged by rank 0
+
+    again = run()
+    assert again["stages"] == {"tokenizer": "cached", "shard": "cached", "pretrain": "cached"}
