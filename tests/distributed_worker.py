@@ -3,7 +3,9 @@
     torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py OUT_DIR SPECS_JSON
 
 Each spec names a strategy, a micro-batch size and optionally a checkpoint to resume from (copied
-from an earlier spec's output) and a step to stop after. For every spec, rank 0 writes
+from an earlier spec's output) and a step to stop after; "kind" is "train" (default), "pretrain"
+(the stage's `run_pretrain` on OUT_DIR/shards; every rank writes its result dict to
+OUT_DIR/<name>.rank<r>.json) or "guard" (a NaN loss on one rank only). For a train spec, rank 0 writes
 OUT_DIR/<name>.pt with the per-step losses and the final full weights, and every rank writes
 OUT_DIR/<name>.rank<r>.json with the rows it trained on per step (their sha1s), so the pytest
 side compares all of it with one process on the same global batch.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -22,14 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from model_fixtures import MODEL, synthetic_documents  # noqa: E402
+from model_fixtures import MODEL, PRETRAIN, synthetic_documents  # noqa: E402
 
 from llmpipe.config import ModelSection, ParallelConfig, PretrainSection  # noqa: E402
 from llmpipe.data.loader import TokenLoader  # noqa: E402
 from llmpipe.distributed import env  # noqa: E402
-from llmpipe.distributed.checkpoint import full_model_state  # noqa: E402
-from llmpipe.training.pretrain import next_token_loss  # noqa: E402
-from llmpipe.training.trainer import Trainer, TrainTask  # noqa: E402
+from llmpipe.training.pretrain import next_token_loss, run_pretrain  # noqa: E402
+from llmpipe.training.trainer import LoopState, Trainer, TrainingDiverged, TrainTask  # noqa: E402
 
 SEQ_LEN = MODEL["seq_len"]
 BATCH_TOKENS = 8 * SEQ_LEN  # 8 sequences per optimizer step, however they are split
@@ -68,7 +70,7 @@ def train_config(spec: dict, world_size: int) -> PretrainSection:
 
 def run_variant(spec: dict, out_dir: Path, init_from: Path) -> dict:
     """Train one spec from the weights in `init_from`; return losses, rows per step and full weights (rank 0)."""
-    world_size = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, model_cfg = train_config(spec, world_size), model_config(spec)
     trainer = Trainer(model_cfg, cfg, seed=SEED, init_from=init_from)
     loader = RecordingLoader([token_stream()], SEQ_LEN, cfg.micro_batch_size, seed=SEED,
@@ -89,8 +91,40 @@ def run_variant(spec: dict, out_dir: Path, init_from: Path) -> dict:
 
     trainer.on_step_end.append(record)
     trainer.fit(task, state, ckpt_root=ckpt_root, config={}, stop_after=spec.get("stop_after"))
-    return {"losses": losses, "rows": rows, "params": full_model_state(trainer.model_parts),
+    return {"losses": losses, "rows": rows, "params": trainer.full_model_state(),
             "dp_rank": trainer.dp_rank, "loader": loader.state_dict()}
+
+
+def run_pretrain_stage(spec: dict, out_dir: Path, init_from: Path) -> dict:
+    """The pretrain stage's library function as the launch worker calls it: rank 0 writes the outputs."""
+    cfg = PretrainSection(**{**PRETRAIN, **spec["pretrain"], "nproc": int(os.environ.get("WORLD_SIZE", "1")),
+                             "parallel": ParallelConfig(strategy=spec["strategy"])})
+    return run_pretrain(model_config(spec), cfg, out_dir / "shards", out_dir / spec["name"], seed=SEED,
+                        init_from=init_from)
+
+
+def run_guard(spec: dict, out_dir: Path, init_from: Path) -> dict:
+    """Only the last rank sees a NaN loss at step 3 (its gradients stay finite): every rank must stop there."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = train_config(spec, world_size)
+    trainer = Trainer(model_config(spec), cfg, seed=SEED, init_from=init_from)
+    loader = TokenLoader([token_stream()], SEQ_LEN, cfg.micro_batch_size, seed=SEED, rank=trainer.dp_rank,
+                         world_size=trainer.dp_size)
+    calls = []
+
+    def nan_on_last_rank(model, batch):
+        calls.append(1)
+        loss, metrics = next_token_loss(model, batch)
+        if len(calls) == 3 and env.rank() == world_size - 1:
+            loss = loss + float("nan")
+        return loss, metrics
+
+    task = TrainTask("pretrain", nan_on_last_rank, loader, tokens_per_batch=cfg.micro_batch_size * SEQ_LEN)
+    try:
+        trainer.fit(task, LoopState(), ckpt_root=out_dir / spec["name"], config={})
+    except TrainingDiverged as err:
+        return {"stopped": str(err)}
+    return {"stopped": None}
 
 
 def init_weights(spec: dict, path: Path) -> Path:
@@ -109,8 +143,13 @@ def main(out_dir: Path, specs: list[dict]) -> None:
     torch.set_num_threads(1)
     for spec in specs:
         init = out_dir / f"init-tied{int(spec.get('tie_embeddings', False))}.safetensors"
+        kind = spec.get("kind", "train")
+        rank = int(os.environ.get("RANK", "0"))  # the process group is joined by the first Trainer
+        if kind != "train":
+            result = (run_pretrain_stage if kind == "pretrain" else run_guard)(spec, out_dir, init)
+            (out_dir / f"{spec['name']}.rank{rank}.json").write_text(json.dumps(result))
+            continue
         result = run_variant(spec, out_dir, init)
-        rank = env.rank()
         (out_dir / f"{spec['name']}.rank{rank}.json").write_text(
             json.dumps({"dp_rank": result["dp_rank"], "rows": result["rows"]}))
         if env.is_main():

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_worker import init_weights, run_variant
+from distributed_worker import init_weights, run_pretrain_stage, run_variant
+from model_fixtures import write_shards
+from safetensors.torch import load_file
+
+from llmpipe.training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -32,8 +36,11 @@ TWO_PROCESSES = [
     # resharding: FSDP-2 stops after step 4 (a checkpoint), then ZeRO-1 on 2 ranks resumes it
     {"name": "fsdp_save", "strategy": "fsdp", "micro_batch_size": 2, "steps": 8, "checkpoint_every": 4, "stop_after": 4},
     {"name": "fsdp_to_zero1", "strategy": "zero1", "micro_batch_size": 4, "steps": 8, "resume_from": "fsdp_save"},
+    # the pretrain stage as the launch worker runs it: FSDP, 2 micro-batches of 1 per rank and step
+    {"name": "pretrain_fsdp", "kind": "pretrain", "strategy": "fsdp", "pretrain": {"micro_batch_size": 1}},
+    {"name": "guard", "kind": "guard", "strategy": "ddp", "micro_batch_size": 4},
 ]
-EQUIVALENT = [s["name"] for s in TWO_PROCESSES if "stop_after" not in s]
+EQUIVALENT = [s["name"] for s in TWO_PROCESSES if s.get("kind", "train") == "train" and "stop_after" not in s]
 
 
 def launch(out_dir: Path, specs: list[dict], nproc: int, timeout: float = 600) -> float:
@@ -58,6 +65,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     for tied in (False, True):
         init_weights({"tie_embeddings": tied}, out / f"init-tied{int(tied)}.safetensors")
+    write_shards(out / "shards")
     seconds = launch(out, TWO_PROCESSES, nproc=2)
     print(f"\n2-process launch: {len(TWO_PROCESSES)} variants in {seconds:.1f} s")
     refs = {(6, False): reference(out, {"name": "ref6"}), (6, True): reference(out, {"name": "ref6_tied", "tie_embeddings": True}),
@@ -115,3 +123,31 @@ def test_fsdp_checkpoint_resumes_in_one_process(runs):
     resumed = reference(out, {"name": "fsdp_to_single", "steps": 8, "resume_from": "fsdp_save"})
     _assert_matches(resumed, {k: sorted(v) for k, v in resumed["rows"].items()}, refs[(8, False)], range(5, 9))
     assert resumed["loader"] == refs[(8, False)]["loader"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_pretrain_stage_on_two_ranks_matches_one_process(runs, tmp_path):
+    """run_pretrain under torchrun: FSDP checkpoints, validation and the gathered release weights."""
+    out, _ = runs
+    spec = next(s for s in TWO_PROCESSES if s["name"] == "pretrain_fsdp")
+    ranks = [json.loads((out / f"pretrain_fsdp.rank{r}.json").read_text()) for r in range(2)]
+    one = run_pretrain_stage({**spec, "name": "pretrain_single"}, out, out / "init-tied0.safetensors")
+    two = ranks[0]
+    assert two["world_size"] == 2 and two["accumulation"] == 2 and one["accumulation"] == 4
+    assert two["steps"] == one["steps"] == 8 and two["tokens"] == one["tokens"]
+    assert abs(two["train_loss"] - one["train_loss"]) < 1e-5 and abs(two["val_loss"] - one["val_loss"]) < 1e-5
+    assert ranks[1]["val_loss"] == two["val_loss"]  # every rank got the all-reduced numbers
+    a, b = load_file(str(out / "pretrain_fsdp" / "model.safetensors")), load_file(str(out / "pretrain_single" / "model.safetensors"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert checkpoint.complete_steps(out / "pretrain_fsdp" / "checkpoints") == [4, 8]
+    assert sorted(p.name for p in (out / "pretrain_fsdp" / "checkpoints" / "step_0000008").glob("*.distcp")) \
+        == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its shards
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(runs):
+    out, _ = runs
+    stopped = [json.loads((out / f"guard.rank{r}.json").read_text())["stopped"] for r in range(2)]
+    assert all(message is not None and message.startswith("step 3: loss nan") for message in stopped), stopped

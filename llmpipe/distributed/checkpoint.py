@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
@@ -24,9 +25,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from llmpipe.distributed.env import is_distributed
+from llmpipe.distributed.env import is_distributed, is_main, local_rank_in, submesh
 
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -76,13 +78,18 @@ def load_sharded(folder: Path, parts: list[nn.Module], optimizers: list[torch.op
             set_optimizer_state_dict(part, _local_optimizer(opt), state["optimizer"], options=FLAT)
 
 
-def full_model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
+def full_model_state(parts: list[nn.Module], mesh: DeviceMesh | None = None) -> dict[str, torch.Tensor]:
     """The whole model's tensors gathered on CPU on global rank 0 (empty elsewhere; collective)."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state: dict[str, torch.Tensor] = {}
-    for part in parts:
-        state.update(get_model_state_dict(part, options=options))
-    return state
+    if submesh(mesh, "pp") is None:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # only rank 0 keeps the tensors
+        return {k: v for part in parts for k, v in get_model_state_dict(part, options=options).items()}
+    # pipeline stages live on other ranks: each stage's first rank sends its gathered layers to rank 0
+    options = StateDictOptions(full_state_dict=True)
+    state = {k: v.cpu() for part in parts for k, v in get_model_state_dict(part, options=options).items()}
+    sends = local_rank_in(mesh, "dp") == 0 and local_rank_in(mesh, "tp") == 0
+    stages = [None] * dist.get_world_size() if is_main() else None
+    dist.gather_object(state if sends else {}, stages, dst=0)
+    return {k: v for stage in stages for k, v in stage.items()} if is_main() else {}
 
 
 def load_full_model_state(parts: list[nn.Module], state: dict[str, torch.Tensor]) -> None:

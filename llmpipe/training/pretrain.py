@@ -78,8 +78,9 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
     if sum(max(0, (len(s) - 1) // model_cfg.seq_len) for s in val_streams) >= cfg.micro_batch_size * dp_size:
         val_loader = TokenLoader(val_streams, model_cfg.seq_len, cfg.micro_batch_size, seed=seed,
                                  rank=dp_rank, world_size=dp_size, shuffle=False)
-        # never count a validation window twice
-        eval_steps = min(cfg.eval_steps, val_loader.total_windows // (cfg.micro_batch_size * dp_size))
+        # cfg.eval_steps micro-batches of one process, shared by the data-parallel ranks (the same
+        # windows on any number of ranks), and never a validation window twice
+        eval_steps = min(-(-cfg.eval_steps // dp_size), val_loader.total_windows // (cfg.micro_batch_size * dp_size))
     fpt = flops_per_token(model_cfg)
     task = TrainTask("pretrain", next_token_loss, train_loader, tokens_per_batch=cfg.micro_batch_size * model_cfg.seq_len,
                      flops_per_token=fpt, val_loader=val_loader, eval_steps=eval_steps,

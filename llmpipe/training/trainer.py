@@ -257,9 +257,13 @@ class Trainer:
             print(f"resuming from {latest} (step {state.step})", flush=True)
         return state
 
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The whole single-device state dict on CPU, gathered from every rank, on rank 0 (empty elsewhere)."""
+        return full_model_state(self.model_parts, self.mesh)
+
     def save_release(self, out_dir: Path) -> None:
         """The whole model gathered from every rank into `out_dir`/model.safetensors (rank 0 writes)."""
-        state = full_model_state(self.model_parts)
+        state = self.full_model_state()
         if self.env.is_main:
             write_release(state, self.model_cfg, out_dir)
         env.barrier()
