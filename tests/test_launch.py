@@ -90,25 +90,37 @@ def test_attached_tracker_logs_to_the_run_without_ending_it(tracking_env):
 
 
 TORCHRUN_SUMMARY = """\
+Failures:
+[1]:
+  time      : 2026-11-21_23:00:28
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 7317)  (SIGTERM)
+  error_file: <N/A>
+------------------------------------------------------------
 Root Cause (first observed failure):
 [0]:
   time      : 2026-11-21_23:00:28
   host      : localhost
-  rank      : 1 (local_rank: 1)
-  exitcode  : -9 (pid: 7318)  (SIGKILL)
+  rank      : {rank} (local_rank: {rank})
+  exitcode  : {code} (pid: 7318)  ({name})
   error_file: <N/A>
 """
 
 
-def test_failure_line_is_the_first_recorded_error_then_torchruns_root_cause(tmp_path):
+def test_failure_line_names_a_killed_worker_else_the_first_recorded_error(tmp_path):
     files = LaunchFiles.of(tmp_path)
     files.root.mkdir()
-    assert describe_failure(files, 1, TORCHRUN_SUMMARY.splitlines()) == "worker rank 1 failed: killed by SIGKILL"
+    killed = TORCHRUN_SUMMARY.format(rank=1, code=-9, name="SIGKILL").splitlines()
+    crashed = TORCHRUN_SUMMARY.format(rank=1, code=1, name="").splitlines()
+    assert describe_failure(files, 1, killed) == "worker rank 1 failed: killed by SIGKILL"
     assert describe_failure(files, 1, ["", "ImportError: no module", ""]) == \
         "torchrun failed (exit code 1): ImportError: no module"
+    # the culprit records first; the peer it left in a collective records after it
     files.error(0).write_text(json.dumps({"rank": 0, "error": "DistBackendError: connection closed", "time": 2.5}))
+    assert describe_failure(files, 1, killed) == "worker rank 1 failed: killed by SIGKILL"  # a signal outranks it
     files.error(1).write_text(json.dumps({"rank": 1, "error": "RuntimeError: injected fault", "time": 2.4}))
-    assert describe_failure(files, 1, []) == "worker rank 1 failed: RuntimeError: injected fault"
+    assert describe_failure(files, 1, crashed) == "worker rank 1 failed: RuntimeError: injected fault"
 
 
 def test_nproc_option_only_on_training_stages():

@@ -40,8 +40,8 @@ from llmpipe.supervise import supervised
 LAUNCH_DIR = ".launch"
 WORKER_MODULE = "llmpipe.distributed.worker"
 TAIL_LINES = 200  # output kept to explain a failure that left no error record
-# torchrun's summary of a failed job names the first failure: its rank and exit code
-_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
+# one failed worker in torchrun's summary of a failed job: "rank      : 1 (local_rank: 1)\n  exitcode  : -9 ..."
+_WORKER_EXIT = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: \d+\)\n\s*exitcode\s*:\s*(-?\d+)", re.MULTILINE)
 
 
 class WorkerFailed(UserError):
@@ -107,22 +107,31 @@ def run_workers(ctx: StageContext, config: RunConfig, nproc: int,
 
 
 def describe_failure(files: LaunchFiles, code: int, tail: list[str]) -> str:
-    """One line: the first error a worker recorded; else torchrun's root cause; else its last words.
+    """One line: a worker killed by a signal (torchrun's summary names it), else the first error a
+    worker recorded, else torchrun's last words.
 
-    The workers' own records carry sub-second times, and the crashing rank writes its record
-    before it exits, so it sorts before the peers that fail because it went away (torch's error
-    files have whole seconds: the culprit and a peer's broken collective often tie).
+    A killed worker records nothing, and the peers it leaves in a collective fail after it with
+    connection errors of their own, so a signal outranks every record. Only torchrun sends
+    SIGTERM (to the survivors), so that one is never the cause. Among records, the workers'
+    sub-second times decide: the crashing rank writes its record before it exits (torch's own
+    error files have whole seconds, and the culprit and a peer's broken collective often tie).
     """
+    killed = [(rank, exit_code) for rank, exit_code in _worker_exits("\n".join(tail))
+              if exit_code < 0 and exit_code != -signal.SIGTERM]
+    if killed:
+        rank, exit_code = killed[0]
+        return f"worker rank {rank} failed: {_exit_reason(exit_code)}"
     errors = files.errors()
     if errors:
         first = min(errors, key=lambda error: error["time"])
         return f"worker rank {first['rank']} failed: {first['error']}"
-    match = _ROOT_CAUSE.search("\n".join(tail))
-    if match:
-        rank, exit_code = int(match[1]), int(match[2])
-        return f"worker rank {rank} failed: {_exit_reason(exit_code)}"
     last = next((line.strip() for line in reversed(tail) if line.strip()), "no output")
     return f"torchrun failed ({_exit_reason(code)}): {last}"
+
+
+def _worker_exits(output: str) -> list[tuple[int, int]]:
+    """(rank, exit code) of each failed worker in torchrun's failure summary."""
+    return [(int(rank), int(code)) for rank, code in _WORKER_EXIT.findall(output)]
 
 
 def _exit_reason(code: int) -> str:
