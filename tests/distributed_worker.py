@@ -30,7 +30,9 @@ from model_fixtures import MODEL, PRETRAIN, synthetic_documents  # noqa: E402
 from llmpipe.config import ModelSection, ParallelConfig, PretrainSection  # noqa: E402
 from llmpipe.data.loader import TokenLoader  # noqa: E402
 from llmpipe.distributed import env  # noqa: E402
-from llmpipe.training.pretrain import next_token_loss, run_pretrain  # noqa: E402
+from llmpipe.model.model import next_token_loss  # noqa: E402
+from llmpipe.tracking import NullTracker  # noqa: E402
+from llmpipe.training.pretrain import next_token_step, run_pretrain  # noqa: E402
 from llmpipe.training.trainer import LoopState, Trainer, TrainingDiverged, TrainTask  # noqa: E402
 
 SEQ_LEN = MODEL["seq_len"]
@@ -56,27 +58,51 @@ class RecordingLoader(TokenLoader):
         return x, y
 
 
+class GradNormTracker(NullTracker):
+    """Keeps the global gradient norm the trainer logs at every step (log_every=1): it must count
+    every shard and every pipeline stage, as one process does."""
+
+    def __init__(self):
+        self.grad_norms: dict[int, float] = {}
+
+    def log_metrics(self, metrics, step=None):
+        if "train/grad_norm" in metrics:
+            self.grad_norms[step] = metrics["train/grad_norm"]
+
+
 def model_config(spec: dict) -> ModelSection:
-    return ModelSection(**{**MODEL, "tie_embeddings": spec.get("tie_embeddings", False)})
+    return ModelSection(**{**MODEL, "tie_embeddings": spec.get("tie_embeddings", False),
+                           "n_layers": spec.get("n_layers", MODEL["n_layers"])})
+
+
+def init_path(out_dir: Path, spec: dict) -> Path | None:
+    """Where the initial weights of the spec's model (tied or not, its depth) are; None for a spec
+    "from_seed", which the trainer initialises from the seed."""
+    if spec.get("from_seed"):
+        return None
+    layers = spec.get("n_layers", MODEL["n_layers"])
+    return out_dir / f"init-tied{int(spec.get('tie_embeddings', False))}-layers{layers}.safetensors"
 
 
 def train_config(spec: dict, world_size: int) -> PretrainSection:
-    parallel = ParallelConfig(**{k: spec[k] for k in ("strategy", "tp", "pp", "pp_schedule") if k in spec})
+    parallel = ParallelConfig(**{k: spec[k] for k in ("strategy", "tp", "pp", "pp_schedule", "pp_virtual_stages")
+                                 if k in spec})
     return PretrainSection(max_steps=spec.get("steps", 6), batch_tokens=BATCH_TOKENS,
                            micro_batch_size=spec.get("micro_batch_size", 2), lr=3e-3, warmup_steps=2,
-                           eval_every=0, checkpoint_every=spec.get("checkpoint_every", 0), log_every=100,
-                           spike_factor=0.0, peak_flops=1e11, nproc=world_size, parallel=parallel)
+                           eval_every=0, checkpoint_every=spec.get("checkpoint_every", 0), log_every=1,
+                           spike_factor=0.0, peak_flops=1e11, nproc=world_size, parallel=parallel,
+                           activation_checkpointing=spec.get("activation_checkpointing", False))
 
 
-def run_variant(spec: dict, out_dir: Path, init_from: Path) -> dict:
+def run_variant(spec: dict, out_dir: Path, init_from: Path | None) -> dict:
     """Train one spec from the weights in `init_from`; return losses, rows per step and full weights (rank 0)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, model_cfg = train_config(spec, world_size), model_config(spec)
-    trainer = Trainer(model_cfg, cfg, seed=SEED, init_from=init_from)
+    trainer = Trainer(model_cfg, cfg, seed=SEED, init_from=init_from, loss_fn=next_token_loss)
     loader = RecordingLoader([token_stream()], SEQ_LEN, cfg.micro_batch_size, seed=SEED,
                              rank=trainer.dp_rank, world_size=trainer.dp_size)
-    task = TrainTask("pretrain", next_token_loss, loader, tokens_per_batch=cfg.micro_batch_size * SEQ_LEN,
-                     split_batch=lambda batch: batch)
+    probe: dict = {}
+    task = TrainTask("pretrain", probing(next_token_step, probe), loader, split_batch=lambda batch: batch)
     ckpt_root = out_dir / spec["name"] / "checkpoints"
     if "resume_from" in spec and env.is_main():
         shutil.copytree(out_dir / spec["resume_from"] / "checkpoints", ckpt_root)
@@ -90,17 +116,33 @@ def run_variant(spec: dict, out_dir: Path, init_from: Path) -> dict:
         loader.rows = []
 
     trainer.on_step_end.append(record)
-    trainer.fit(task, state, ckpt_root=ckpt_root, config={}, stop_after=spec.get("stop_after"))
-    return {"losses": losses, "rows": rows, "params": trainer.full_model_state(),
-            "dp_rank": trainer.dp_rank, "loader": loader.state_dict()}
+    tracker = GradNormTracker()
+    trainer.fit(task, state, ckpt_root=ckpt_root, config={}, tracker=tracker, stop_after=spec.get("stop_after"))
+    return {"losses": losses, "rows": rows, "params": trainer.full_model_state(), "grad_norms": tracker.grad_norms,
+            "dp_rank": trainer.dp_rank, "loader": loader.state_dict(), "probe": probe.get("grads")}
 
 
-def run_pretrain_stage(spec: dict, out_dir: Path, init_from: Path) -> dict:
-    """The pretrain stage's library function as the launch worker calls it: rank 0 writes the outputs."""
+def probing(step_fn, probe: dict):
+    """`step_fn`, noting the gradients it finds at its second call (with accumulation: after the
+    first micro-batch's backward): None where there is none, else the sum of a plain tensor's."""
+    calls = []
+
+    def step(model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            probe["grads"] = [None if p.grad is None else float(p.grad.sum()) if type(p.grad) is torch.Tensor
+                              else "dtensor" for p in model.parameters()]
+        return step_fn(model, batch)
+
+    return step
+
+
+def run_pretrain_stage(spec: dict, out_dir: Path) -> dict:
+    """The pretrain stage's library function as the launch worker calls it (initial weights from
+    the config and the seed): rank 0 writes the outputs."""
     cfg = PretrainSection(**{**PRETRAIN, **spec["pretrain"], "nproc": int(os.environ.get("WORLD_SIZE", "1")),
-                             "parallel": ParallelConfig(strategy=spec["strategy"])})
-    return run_pretrain(model_config(spec), cfg, out_dir / "shards", out_dir / spec["name"], seed=SEED,
-                        init_from=init_from)
+                             "parallel": ParallelConfig(strategy=spec["strategy"], **spec.get("parallel", {}))})
+    return run_pretrain(model_config(spec), cfg, out_dir / "shards", out_dir / spec["name"], seed=SEED)
 
 
 def run_guard(spec: dict, out_dir: Path, init_from: Path) -> dict:
@@ -114,12 +156,12 @@ def run_guard(spec: dict, out_dir: Path, init_from: Path) -> dict:
 
     def nan_on_last_rank(model, batch):
         calls.append(1)
-        loss, metrics = next_token_loss(model, batch)
+        loss, metrics = next_token_step(model, batch)
         if len(calls) == 3 and env.rank() == world_size - 1:
             loss = loss + float("nan")
         return loss, metrics
 
-    task = TrainTask("pretrain", nan_on_last_rank, loader, tokens_per_batch=cfg.micro_batch_size * SEQ_LEN)
+    task = TrainTask("pretrain", nan_on_last_rank, loader)
     try:
         trainer.fit(task, LoopState(), ckpt_root=out_dir / spec["name"], config={})
     except TrainingDiverged as err:
@@ -142,18 +184,18 @@ def init_weights(spec: dict, path: Path) -> Path:
 def main(out_dir: Path, specs: list[dict]) -> None:
     torch.set_num_threads(1)
     for spec in specs:
-        init = out_dir / f"init-tied{int(spec.get('tie_embeddings', False))}.safetensors"
+        init = init_path(out_dir, spec)
         kind = spec.get("kind", "train")
         rank = int(os.environ.get("RANK", "0"))  # the process group is joined by the first Trainer
         if kind != "train":
-            result = (run_pretrain_stage if kind == "pretrain" else run_guard)(spec, out_dir, init)
+            result = run_pretrain_stage(spec, out_dir) if kind == "pretrain" else run_guard(spec, out_dir, init)
             (out_dir / f"{spec['name']}.rank{rank}.json").write_text(json.dumps(result))
             continue
         result = run_variant(spec, out_dir, init)
         (out_dir / f"{spec['name']}.rank{rank}.json").write_text(
-            json.dumps({"dp_rank": result["dp_rank"], "rows": result["rows"]}))
+            json.dumps({"dp_rank": result["dp_rank"], "rows": result["rows"], "probe": result["probe"]}))
         if env.is_main():
-            torch.save({"losses": result["losses"], "params": result["params"], "loader": result["loader"]},
+            torch.save({k: result[k] for k in ("losses", "grad_norms", "params", "loader")},
                        out_dir / f"{spec['name']}.pt")
     env.destroy()
 

@@ -48,7 +48,7 @@ def test_a_stage_brings_its_own_step_function_and_metrics(tmp_path):
     cfg = PretrainSection(**{**PRETRAIN, "max_steps": 4, "log_every": 1, "micro_batch_size": 1})  # 4 micro-batches
     trainer = Trainer(model_cfg, cfg, seed=0)
     loader = TokenLoader([stream()], model_cfg.seq_len, cfg.micro_batch_size, seed=0)
-    task = TrainTask("sft", masked_step, loader, tokens_per_batch=model_cfg.seq_len)
+    task = TrainTask("sft", masked_step, loader)
     seen, tracker = [], ListTracker()
     trainer.on_step_end.append(lambda state: seen.append((state.step, state.train_loss)))
     state = trainer.fit(task, LoopState(), ckpt_root=tmp_path / "ckpt", config={}, tracker=tracker)

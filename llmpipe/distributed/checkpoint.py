@@ -70,9 +70,8 @@ def load_sharded(folder: Path, parts: list[nn.Module], optimizers: list[torch.op
     state = _state(parts, optimizers)
     with _quiet_without_process_group():
         dcp.load(state, checkpoint_id=str(folder), no_dist=not is_distributed())
-    strict = StateDictOptions(strict=len(parts) == 1)  # a pipeline stage holds some of the keys
     for part in parts:
-        set_model_state_dict(part, state["model"], options=strict)
+        set_model_state_dict(part, state["model"])
     if optimizers is not None:
         for part, opt in zip(parts, optimizers, strict=True):
             set_optimizer_state_dict(part, _local_optimizer(opt), state["optimizer"], options=FLAT)
@@ -94,7 +93,9 @@ def full_model_state(parts: list[nn.Module], mesh: DeviceMesh | None = None) -> 
 
 def load_full_model_state(parts: list[nn.Module], state: dict[str, torch.Tensor]) -> None:
     """Load a whole single-device state dict (e.g. an upstream stage's release weights) into
-    `parts`, each keeping the pieces it holds."""
-    options = StateDictOptions(full_state_dict=True, strict=len(parts) == 1)
+    `parts`, each keeping the pieces it holds (a pipeline stage ignores other stages' layers)."""
+    options = StateDictOptions(full_state_dict=True, strict=False)
     for part in parts:
-        set_model_state_dict(part, state, options=options)
+        missing = set_model_state_dict(part, state, options=options).missing_keys
+        if missing:
+            raise KeyError(f"weights without {', '.join(sorted(missing)[:5])} ({len(missing)} tensors missing)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from llmpipe.config import ParallelConfig
 
@@ -104,6 +105,11 @@ def submesh(mesh: DeviceMesh | None, name: str) -> DeviceMesh | None:
 def local_rank_in(mesh: DeviceMesh | None, name: str) -> int:
     sub = submesh(mesh, name)
     return 0 if sub is None else sub.get_local_rank()
+
+
+def plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: a DTensor (a loss under loss parallel, a replicated metric) gathered whole."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

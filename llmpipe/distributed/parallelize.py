@@ -2,11 +2,12 @@
 
 The contract with the trainer (llmpipe/training/trainer.py) is `ParallelModel`:
 
-- `model_parts`: the modules this rank trains and checkpoints (the whole model, or this rank's
-  pipeline stages under pp). Their parameter names are the single-device model's names, so
-  checkpoints (DCP) reshard between strategies.
+- `model_parts`: the modules this rank trains and checkpoints: one, the model (under pp, pruned
+  to this rank's stages). Parameter names are the single-device model's names, so checkpoints
+  (DCP) reshard between strategies.
 - `forward`: what a stage's `step_fn(forward, batch)` calls (a DDP wrapper or the model itself);
-  None under pp, where the trainer calls `schedule.step(inputs, target=labels, losses=...)`.
+  None under pp, where the trainer calls `schedule.step(inputs, target=labels, losses=...)` once
+  per optimizer step with the step's whole batch (its micro-batches concatenated).
 - `gradient_sync(enabled)`: a context for one micro-batch's backward; gradients are only
   reduced across data-parallel ranks on the micro-batch where it is enabled (the last).
 - `loss_context()`: wraps forward + backward (loss parallel under tp).
@@ -18,13 +19,15 @@ The contract with the trainer (llmpipe/training/trainer.py) is `ParallelModel`:
 Order of application (torchtitan's): tensor parallel (+ sequence parallel, loss parallel),
 activation checkpointing, torch.compile, then FSDP2 `fully_shard` (zero2: parameters kept
 gathered between forward and backward; fsdp: resharded, ZeRO-3) or DDP (ddp, and zero1 whose
-optimizer is a ZeroRedundancyOptimizer). Pipeline parallel first splits the model into stages
-(llmpipe/distributed/pipeline.py) and applies the rest to each stage.
+optimizer is a ZeroRedundancyOptimizer). Pipeline parallel first prunes the model to this rank's
+stages (llmpipe/distributed/pipeline.py), applies the rest to what is left, and finally builds
+the schedule over views of those modules.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -39,6 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from llmpipe.config import TrainSection
 from llmpipe.distributed.env import Layout, local_rank_in, submesh
+from llmpipe.distributed.pipeline import build_schedule, check_pipeline, prune_to_rank
+from llmpipe.distributed.tensor_parallel import apply_tp, loss_context
 
 SHARDED = ("zero2", "fsdp", "fsdp_tp")  # strategies whose parameters are FSDP2 DTensors
 
@@ -50,11 +55,17 @@ class ParallelModel:
     layout: Layout = field(default_factory=Layout)
     mesh: DeviceMesh | None = None
     strategy: str = "ddp"
-    schedule: Any | None = None  # torch.distributed.pipelining schedule (pp only)
+    # pp: builds the torch.distributed.pipelining schedule on first use of `schedule`, after the
+    # trainer has materialized meta-device weights (the stages are views of the modules as they are then)
+    schedule_factory: Callable[[], Any] | None = None
     has_first_stage: bool = True  # pp: this rank feeds the inputs
     has_last_stage: bool = True  # pp: this rank computes the loss
     loss_parallel: bool = False  # tp: the loss is computed on vocabulary-sharded logits
     mixed_precision: bool = False  # FSDP casts parameters to bf16 itself: no autocast around forward
+
+    @functools.cached_property
+    def schedule(self) -> Any | None:
+        return self.schedule_factory() if self.schedule_factory is not None else None
 
     @property
     def dp_rank(self) -> int:
@@ -78,11 +89,7 @@ class ParallelModel:
         return _fsdp_no_sync(fsdp_parts) if fsdp_parts else contextlib.nullcontext()
 
     def loss_context(self) -> contextlib.AbstractContextManager:
-        if self.loss_parallel:
-            from torch.distributed.tensor.parallel import loss_parallel
-
-            return loss_parallel()
-        return contextlib.nullcontext()
+        return loss_context(self.loss_parallel)
 
     def build_optimizer(self, param_groups: list[dict], optimizer_class: type[torch.optim.Optimizer],
                         **defaults) -> torch.optim.Optimizer:
@@ -125,31 +132,29 @@ def _fsdp_no_sync(parts: list[FSDPModule]):
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *, device: torch.device,
                 param_dtype: torch.dtype | None = None,
-                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> ParallelModel:
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                pp_microbatches: int = 1) -> ParallelModel:
     """Apply cfg.parallel's strategy over `mesh` (None: one process), activation checkpointing and
     compile to `model` (a Transformer, on `device` or the meta device); return the ParallelModel.
 
     `param_dtype`: bf16 under FSDP mixed precision (gradients still reduced in fp32).
-    `loss_fn(pred, labels)`: the loss a pipeline's last stage computes (pp only).
+    `loss_fn(pred, labels)`: the loss a pipeline's last stage computes; `pp_microbatches`: the
+    micro-batches a pipeline schedule splits each step's batch into (pp only).
     """
     strategy = cfg.parallel.strategy
     layout = Layout.of(cfg.parallel, mesh.size() if mesh is not None else 1)
-    if layout.pp > 1:
-        # pipeline parallel: llmpipe/distributed/pipeline.py splits the model into this rank's
-        # stages and builds the schedule with `loss_fn`; each stage then gets the steps below.
-        raise NotImplementedError("parallel.strategy=pp is not wired yet (llmpipe/distributed/pipeline.py)")
-    parts = [model]
-    loss_parallel = False
+    pp_mesh = submesh(mesh, "pp")
+    if pp_mesh is not None:  # this rank keeps its stages' blocks, under their global names
+        check_pipeline(cfg.parallel, model.cfg.n_layers, pp_microbatches)  # before any work, not at the first step
+        prune_to_rank(model, pp_mesh.get_local_rank(), cfg.parallel)
     tp_mesh = submesh(mesh, "tp")
-    if tp_mesh is not None:
-        # tensor parallel (+ sequence parallel, loss parallel): llmpipe/distributed/tensor_parallel.py
-        raise NotImplementedError("parallel.strategy=tp is not wired yet (llmpipe/distributed/tensor_parallel.py)")
-    for part in parts:
-        if cfg.activation_checkpointing:
-            _checkpoint_blocks(part)
-        if cfg.compile:
-            for block in part.trf_blocks.values():
-                block.compile()  # in place: parameter names stay the model's
+    if tp_mesh is not None:  # + sequence parallel, + loss parallel: the logits stay vocabulary-sharded
+        apply_tp(model, tp_mesh)
+    if cfg.activation_checkpointing:
+        _checkpoint_blocks(model)
+    if cfg.compile:
+        for block in model.trf_blocks.values():
+            block.compile()  # in place: parameter names stay the model's
     dp_mesh = submesh(mesh, "dp")
     forward: nn.Module | None = model
     mixed_precision = False
@@ -158,15 +163,22 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if mixed_precision \
             else MixedPrecisionPolicy()
         reshard = strategy != "zero2"
-        for part in parts:
-            for block in part.trf_blocks.values():
-                fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
-            fully_shard(part, mesh=dp_mesh, mp_policy=policy)
+        for block in model.trf_blocks.values():
+            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(model, mesh=dp_mesh, mp_policy=policy)
     elif dp_mesh is not None:  # ddp, zero1
         device_ids = [device.index] if device.type == "cuda" else None
         forward = DistributedDataParallel(model, device_ids=device_ids, process_group=dp_mesh.get_group())
-    return ParallelModel(model_parts=parts, forward=forward, layout=layout, mesh=mesh, strategy=strategy,
-                         loss_parallel=loss_parallel, mixed_precision=mixed_precision)
+    schedule_factory = None
+    if pp_mesh is not None:
+        def schedule_factory():
+            return build_schedule(model, cfg.parallel, pp_mesh.get_group(), pp_microbatches, device, loss_fn)[0]
+
+        forward = None
+    return ParallelModel(model_parts=[model], forward=forward, layout=layout, mesh=mesh, strategy=strategy,
+                         schedule_factory=schedule_factory, has_first_stage=model.tok_emb is not None,
+                         has_last_stage=model.norm_f is not None, loss_parallel=tp_mesh is not None,
+                         mixed_precision=mixed_precision)
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:

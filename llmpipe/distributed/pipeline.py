@@ -1,19 +1,20 @@
 """Pipeline parallelism: the model's blocks split into stages over the ranks of a `pp` group.
 
 The whole model is built on every rank (same seed, same weights, or on the meta device), then
-`prune_to_rank` keeps on each rank only what its stages need. Stage s of S = pp * v holds a consecutive run of blocks;
-rank r runs stages r, r + pp, r + 2 pp, ... (v > 1 only with interleaved 1F1B). The first stage
-keeps `tok_emb`, the last `norm_f` and `lm_head`; the model's forward then takes or returns
-hidden states (B, T, C) on its own.
+`prune_to_rank` keeps on each rank only what its stages need. Stage s of S = pp * v holds a
+consecutive run of blocks; rank r runs stages r, r + pp, r + 2 pp, ... (v > 1 only with
+interleaved 1F1B). The first stage keeps `tok_emb`, the last `norm_f` and `lm_head`; the model's
+forward then takes or returns hidden states (B, T, C) on its own.
 
 What is checkpointed and optimized is the rank's pruned model: one module with this rank's
 parameters under their global names ("trf_blocks.5.attn.wq.weight"), so DCP reshards between
 pipeline, FSDP, tensor-parallel and single-process layouts. The stage modules that the schedule
 calls (`build_schedule`) are views sharing those parameters.
 
-Micro-batches: a step's batch is `accumulation` micro-batches of `micro_batch_size` sequences,
-the same micro-batches one process accumulates; the schedule's loss is the mean of their mean
-losses, and gradients are divided by their number, as one process divides each loss.
+Micro-batches: a step's batch is the trainer's `accumulation` micro-batches of `micro_batch_size`
+sequences, the same micro-batches one process accumulates, run by one schedule step; its loss is
+the mean of their mean losses, and gradients are divided by their number, as one process divides
+each loss.
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ def _stage_view(model: Transformer, blocks: list[str], first: bool, last: bool) 
     stage = Transformer.__new__(Transformer)
     nn.Module.__init__(stage)
     stage.cfg, stage.head_size = model.cfg, model.head_size
-    stage.activation_checkpointing = model.activation_checkpointing
     stage.tok_emb = model.tok_emb if first else None
     stage.trf_blocks = nn.ModuleDict({key: model.trf_blocks[key] for key in blocks})
     stage.norm_f = model.norm_f if last else None

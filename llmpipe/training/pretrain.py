@@ -19,13 +19,12 @@ from llmpipe import io
 from llmpipe.config import ModelSection, PretrainSection
 from llmpipe.data.loader import TokenLoader
 from llmpipe.data.shards import load_split
-from llmpipe.model.model import flops_per_token, parameter_count
+from llmpipe.model.model import flops_per_token, next_token_loss, parameter_count
 from llmpipe.stages import StageContext
 from llmpipe.tracking import NullTracker, Tracker
 from llmpipe.training.trainer import (
     Trainer,
     TrainTask,
-    accumulation_steps,
     measured_cpu_peak,
     peak_flops,
     peak_memory_mb,
@@ -48,7 +47,7 @@ def unigram_entropy(streams: list[np.ndarray], vocab_size: int, limit: int = UNI
     return float(-(p * np.log(p)).sum())
 
 
-def next_token_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+def next_token_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
     """The step function: mean cross-entropy of the next token, x and y each (B, T)."""
     x, y = batch
     return model(x, y), {}
@@ -66,7 +65,7 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
     """
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
-    trainer = Trainer(model_cfg, cfg, seed=seed, init_from=init_from, section="pretrain")
+    trainer = Trainer(model_cfg, cfg, seed=seed, init_from=init_from, loss_fn=next_token_loss, section="pretrain")
     main, dp_rank, dp_size = trainer.env.is_main, trainer.dp_rank, trainer.dp_size
     config = {"model": model_cfg.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json"), "seed": seed}
 
@@ -82,10 +81,8 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
         # windows on any number of ranks), and never a validation window twice
         eval_steps = min(-(-cfg.eval_steps // dp_size), val_loader.total_windows // (cfg.micro_batch_size * dp_size))
     fpt = flops_per_token(model_cfg)
-    task = TrainTask("pretrain", next_token_loss, train_loader, tokens_per_batch=cfg.micro_batch_size * model_cfg.seq_len,
-                     flops_per_token=fpt, val_loader=val_loader, eval_steps=eval_steps,
-                     split_batch=lambda batch: batch)
-    accumulation = accumulation_steps(cfg, task.tokens_per_batch, dp_size)
+    task = TrainTask("pretrain", next_token_step, train_loader, flops_per_token=fpt, val_loader=val_loader,
+                     eval_steps=eval_steps, split_batch=lambda batch: batch)
 
     ckpt_root = out_dir / "checkpoints"
     state = trainer.resume(ckpt_root, task)
@@ -111,7 +108,7 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
         "peak_mem_mb": peak_memory_mb(device),
         "train_time_s": state.train_time_s,
         "resumed_from_step": resumed_from,
-        "accumulation": accumulation,
+        "accumulation": trainer.accumulation,
         "world_size": trainer.env.world_size,
     }
     if stop_after is not None and state.step < cfg.max_steps:

@@ -5,7 +5,7 @@ asks it for its data-parallel rank and size to build its loaders, then hands it 
 
     trainer = Trainer(model_cfg, cfg, seed=seed, init_from=upstream / "model.safetensors")
     loader = TokenLoader(..., rank=trainer.dp_rank, world_size=trainer.dp_size)
-    task = TrainTask("sft", step_fn, loader, tokens_per_batch=..., val_loader=..., flops_per_token=...)
+    task = TrainTask("sft", step_fn, loader, val_loader=..., eval_steps=..., flops_per_token=...)
     state = trainer.resume(ckpt_root, task)            # LoopState() when there is no checkpoint
     state = trainer.fit(task, state, ckpt_root=..., config=..., tracker=...)
     trainer.save_release(out_dir)                      # rank 0 writes the gathered weights
@@ -14,7 +14,8 @@ asks it for its data-parallel rank and size to build its loaders, then hands it 
 with a graph) and optional scalar metrics; the trainer scales, accumulates, all-reduces, clips,
 guards, steps, logs, evaluates and checkpoints. Under pipeline parallelism the trainer calls the
 schedule instead: a stage that can be pipelined also supplies `split_batch(batch) -> (inputs,
-labels)` and gives `loss_fn(pred, labels)` to the Trainer.
+labels)` and gives `loss_fn(pred, labels)` to the Trainer; the schedule then runs the step's
+micro-batches (concatenated) in one call.
 
 Loss, grad norm and metrics are reduced over all ranks in one all-reduce before the guard, so
 every rank takes the same decision. `on_step_end` callbacks run once per optimizer step on every
@@ -77,8 +78,7 @@ class TrainTask:
 
     name: str  # the stage and its config section ("pretrain"): labels, messages
     step_fn: StepFn
-    train_loader: Loader
-    tokens_per_batch: int  # tokens in one micro-batch of one rank (accumulation, throughput)
+    train_loader: Loader  # micro-batches of cfg.micro_batch_size sequences of model.seq_len tokens
     flops_per_token: float = 0.0  # training FLOPs per token, for MFU
     val_loader: Loader | None = None
     eval_steps: int = 0  # validation micro-batches per evaluation
@@ -165,6 +165,16 @@ def accumulation_steps(cfg: TrainSection, tokens_per_batch: int, dp: int, sectio
     return cfg.batch_tokens // per_micro
 
 
+def _concat(batches: list[Batch]) -> Batch:
+    """Micro-batches -> one batch (along the batch dimension), keeping the structure."""
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(batches)
+    if isinstance(first, dict):
+        return {k: _concat([b[k] for b in batches]) for k in first}
+    return type(first)(_concat(list(parts)) for parts in zip(*batches))
+
+
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -210,16 +220,20 @@ class Trainer:
         self.device = self.env.device
         self.dtype = autocast_dtype(cfg.dtype, self.device)
         self.layout = env.Layout.of(cfg.parallel, self.env.world_size)
+        self.tokens_per_micro_batch = cfg.micro_batch_size * model_cfg.seq_len  # on one rank
+        self.accumulation = accumulation_steps(cfg, self.tokens_per_micro_batch, self.layout.dp, section)
         self.mesh = env.build_mesh(self.layout, self.device.type)
         # sharded strategies build on the meta device: a model larger than one host's memory
-        # exists only as its shards
-        on_meta = self.env.world_size > 1 and (cfg.parallel.strategy in SHARDED or self.layout.tp > 1
-                                                or self.layout.pp > 1)
+        # exists only as its shards. Not on CPU: DTensor's random init is CUDA-only, so there every
+        # shard would get the same numbers (duplicate heads, rows); CPU ranks build the whole model
+        # seeded, as one process does, and parallelize keeps their pieces
+        on_meta = self.env.world_size > 1 and self.device.type == "cuda" and (
+            cfg.parallel.strategy in SHARDED or self.layout.tp > 1 or self.layout.pp > 1)
         torch.manual_seed(seed)
         model = build_model(model_cfg, "meta" if on_meta else self.device, None if on_meta else init_from)
         fsdp_bf16 = self.dtype if cfg.parallel.strategy in SHARDED and self.device.type == "cuda" else None
         self.parallel: ParallelModel = parallelize(model, self.mesh, cfg, device=self.device, param_dtype=fsdp_bf16,
-                                                   loss_fn=loss_fn)
+                                                   loss_fn=loss_fn, pp_microbatches=self.accumulation)
         if on_meta:
             materialize(self.parallel.model_parts, self.device, seed, init_from)
         self.autocast_dtype = None if self.parallel.mixed_precision else self.dtype
@@ -270,28 +284,36 @@ class Trainer:
 
     # --- steps -----------------------------------------------------------------------------------
 
-    def _micro_step(self, task: TrainTask, batch: Batch, accumulation: int, sync: bool) -> tuple[torch.Tensor, dict]:
-        """Forward and backward of one micro-batch; returns its loss and metrics divided by `accumulation`."""
-        p = self.parallel
-        with p.gradient_sync(sync), p.loss_context():
-            if p.schedule is not None:
-                loss = self._pipeline_loss(task, batch, train=True)
-                return loss.detach() / accumulation, {}
-            with autocast(self.device, self.autocast_dtype):
-                loss, metrics = task.step_fn(p.forward, batch)
-            loss = loss / accumulation
-            loss.backward()
-        return loss.detach(), {k: v.detach() / accumulation for k, v in metrics.items()}
+    def _forward_backward(self, task: TrainTask) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """All micro-batches of one optimizer step; their mean loss and metrics (this rank's)."""
+        p, accumulation = self.parallel, self.accumulation
+        batches = [_to_device(task.train_loader.next_batch(), self.device) for _ in range(accumulation)]
+        if p.schedule is not None:  # the schedule splits the step's batch into the same micro-batches
+            with p.loss_context():
+                return self._pipeline_losses(task, _concat(batches), train=True).mean().detach(), {}
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for micro, batch in enumerate(batches):
+            with p.gradient_sync(micro == accumulation - 1), p.loss_context():
+                with autocast(self.device, self.autocast_dtype):
+                    loss, metrics = task.step_fn(p.forward, batch)
+                loss = loss / accumulation
+                loss.backward()
+            loss_sum += env.plain(loss.detach())
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + env.plain(v.detach()) / accumulation
+        return loss_sum, metric_sums
 
-    def _pipeline_loss(self, task: TrainTask, batch: Batch, train: bool) -> torch.Tensor:
-        """Run one micro-batch through the pipeline schedule; the mean loss on the last stage, 0 elsewhere."""
+    def _pipeline_losses(self, task: TrainTask, batch: Batch, train: bool) -> torch.Tensor:
+        """Run a step's batch through the pipeline schedule; the loss of each micro-batch on the
+        last stage, zeros elsewhere. Gradients come divided by the number of micro-batches."""
         p = self.parallel
         inputs, labels = task.split_batch(batch)
         losses: list[torch.Tensor] = []
         args = (inputs,) if p.has_first_stage else ()
         target = labels if p.has_last_stage else None
         (p.schedule.step if train else p.schedule.eval)(*args, target=target, losses=losses)
-        return torch.stack(losses).mean() if p.has_last_stage else torch.zeros((), device=self.device)
+        return torch.stack(losses) if p.has_last_stage else torch.zeros(self.accumulation, device=self.device)
 
     def _reduce(self, loss: torch.Tensor, norm: torch.Tensor, metrics: dict[str, torch.Tensor]) -> list[float]:
         """[global mean loss, grad norm, *metrics], the same numbers on every rank (one all-reduce)."""
@@ -309,20 +331,24 @@ class Trainer:
         parts = self.model_parts
         for part in parts:
             part.eval()
-        total = 0.0
-        for _ in range(task.eval_steps):
-            batch = _to_device(task.val_loader.next_batch(), self.device)
-            with self.parallel.loss_context():
-                if self.parallel.schedule is not None:
-                    loss = self._pipeline_loss(task, batch, train=False)
-                else:
-                    with autocast(self.device, self.autocast_dtype):
-                        loss, _ = task.step_fn(self.parallel.forward, batch)
-            total += float(loss)
+        total, p = 0.0, self.parallel
+        batches = [_to_device(task.val_loader.next_batch(), self.device) for _ in range(task.eval_steps)]
+        if p.schedule is not None:
+            # a schedule call runs a step's worth of micro-batches: the last group is padded with
+            # repeats of its last micro-batch, whose losses are dropped (each window counts once)
+            group = self.accumulation
+            padded = batches + batches[-1:] * (-len(batches) % group)
+            for start in range(0, len(padded), group):
+                losses = self._pipeline_losses(task, _concat(padded[start:start + group]), train=False)
+                total += float(losses[:len(batches) - start].sum())
+        else:
+            for batch in batches:
+                with p.loss_context(), autocast(self.device, self.autocast_dtype):
+                    loss, _ = task.step_fn(p.forward, batch)
+                total += float(env.plain(loss))
         for part in parts:
             part.train()
-        mean = torch.tensor([total / task.eval_steps * self.parallel.loss_weight], dtype=torch.float64,
-                            device=self.device)
+        mean = torch.tensor([total / task.eval_steps * p.loss_weight], dtype=torch.float64, device=self.device)
         return float(env.all_reduce_sum(mean)[0])
 
     def fit(self, task: TrainTask, state: LoopState, *, ckpt_root: Path, config: dict, tracker: Tracker | None = None,
@@ -334,8 +360,7 @@ class Trainer:
         """
         cfg, p, main = self.cfg, self.parallel, self.env.is_main
         tracker = tracker if main and tracker is not None else NullTracker()
-        accumulation = accumulation_steps(cfg, task.tokens_per_batch, p.layout.dp, task.name)
-        tokens_per_step = accumulation * task.tokens_per_batch * p.layout.dp
+        tokens_per_step = self.accumulation * self.tokens_per_micro_batch * p.layout.dp
         peak = peak_flops(self.device, self.dtype, cfg.peak_flops) * self.env.world_size
         last_good = checkpoint.newest(ckpt_root)  # named in the divergence message; resuming verified it
         start_step, saved_step = state.step, None
@@ -358,24 +383,18 @@ class Trainer:
 
         window_tokens, window_time = 0, 0.0
         bar = progress(cfg.max_steps, task.name, unit="step", initial=state.step, enabled=main)
+
+        def say(line: str) -> None:  # rank 0 speaks for all (the numbers are all-reduced)
+            if main:
+                bar.write(line)
+
         while state.step < cfg.max_steps:
             step = state.step
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for optimizer in self.optimizers:
                 set_lr(optimizer, lr)
-            loss_sum = torch.zeros((), device=self.device)
-            metric_sums: dict[str, torch.Tensor] = {}
-            for micro in range(accumulation):
-                batch = _to_device(task.train_loader.next_batch(), self.device)
-                loss, metrics = self._micro_step(task, batch, accumulation, sync=micro == accumulation - 1)
-                loss_sum += loss
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + v
-            if p.schedule is not None and accumulation > 1:  # the schedule scaled by its own micro-batches only
-                for param in p.parameters():
-                    if param.grad is not None:
-                        param.grad.div_(accumulation)
+            loss_sum, metric_sums = self._forward_backward(task)
             norm = p.grad_norm()
             loss_value, grad_norm, *metric_values = self._reduce(loss_sum, norm, metric_sums)
             _guard(step, loss_value, grad_norm, state, cfg, last_good, task.name)
@@ -405,13 +424,13 @@ class Trainer:
                                      "train/peak_mem_mb": peak_memory_mb(self.device), "train/tokens": state.tokens,
                                      **{f"train/{k}": v for k, v in zip(metric_sums, metric_values)}},
                                     step=state.step)
-                bar.write(f"step {state.step:6d}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} "
+                say(f"step {state.step:6d}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} "
                           f"gnorm {grad_norm:.3f} tok/s {tps:,.0f} mfu {mfu:.1%}")
                 window_tokens, window_time = 0, 0.0
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
                 log_eval()
                 if state.val_loss is not None:
-                    bar.write(f"step {state.step:6d} val loss {state.val_loss:.4f}")
+                    say(f"step {state.step:6d} val loss {state.val_loss:.4f}")
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
                 save(state.step)
             for callback in self.on_step_end:
