@@ -39,9 +39,12 @@ CORPUS_MODULES = ["argparse", "collections", "dataclasses", "functools", "iterto
                   "shutil", "statistics", "string", "textwrap", "typing", "unittest", "email", "logging"]
 
 
-def layout(strategy: str, nproc: int) -> list[str]:
-    """The overrides that put the tiny model on `nproc` processes with `strategy`."""
-    overrides = [f"pretrain.parallel.strategy={strategy}", f"pretrain.nproc={nproc}"]
+def layout(strategy: str, nproc: int, batch_sequences: int) -> list[str]:
+    """The overrides that put the tiny model on `nproc` processes with `strategy`, the global batch
+    (`batch_sequences`, no accumulation) split between the data-parallel ranks."""
+    data_parallel = {"tp": 1, "pp": 1, "fsdp_tp": max(1, nproc // 2)}.get(strategy, nproc)
+    overrides = [f"pretrain.parallel.strategy={strategy}", f"pretrain.nproc={nproc}",
+                 f"pretrain.micro_batch_size={max(1, batch_sequences // data_parallel)}"]
     if strategy in ("tp", "pp", "fsdp_tp"):
         overrides.append("model.tie_embeddings=false")  # sharded or placed apart from the embedding
     if strategy == "tp":
@@ -66,10 +69,10 @@ def prepare_data(work: Path) -> list[str]:
     return overrides
 
 
-def run_case(work: Path, data: list[str], strategy: str, nproc: int, steps: int) -> dict:
+def run_case(work: Path, data: list[str], strategy: str, nproc: int, steps: int, batch_sequences: int) -> dict:
     overrides = [*data, f"pretrain.max_steps={steps}", "pretrain.eval_every=0", "pretrain.checkpoint_every=0",
                  f"pretrain.log_every={steps}", "pretrain.dtype=float32", "pretrain.peak_flops=1e11",
-                 *layout(strategy, nproc)]
+                 *layout(strategy, nproc, batch_sequences)]
     config = configlib.load(ROOT / "configs/tiny.yaml", overrides, work / "run")
     out_dir = work / "cases" / f"{strategy}-{nproc}"
     ctx = stages.StageContext(name="pretrain", run_dir=RunDir(config.run_dir), out_dir=out_dir, seed=config.run.seed)
@@ -99,17 +102,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="llmpipe-scaling-") as tmp:
         work = Path(tmp)
         data = prepare_data(work)
+        preset = configlib.load(ROOT / "configs/tiny.yaml", data, work / "run")
+        batch_sequences = preset.pretrain.batch_tokens // preset.model.seq_len
         print(f"{'strategy':<9} {'nproc':>5} {'tokens/s':>10} {'peak MB/rank':>12} {'vs 1 proc':>9} {'overhead s':>10}")
         for strategy in strategies:
             single = None
             for nproc in counts:
                 try:
-                    configlib.load(ROOT / "configs/tiny.yaml", [*data, *layout(strategy, nproc)], work / "run")
+                    configlib.load(ROOT / "configs/tiny.yaml", [*data, *layout(strategy, nproc, batch_sequences)],
+                                   work / "run")
                 except UserError as err:
                     print(f"{strategy:<9} {nproc:>5} skipped: {err}", flush=True)
                     continue
                 try:
-                    row = run_case(work, data, strategy, nproc, args.steps)
+                    row = run_case(work, data, strategy, nproc, args.steps, batch_sequences)
                 except UserError as err:
                     print(f"{strategy:<9} {nproc:>5} failed: {err}", flush=True)
                     continue
