@@ -2,6 +2,7 @@
 
     llmpipe run --config FILE [--set k=v]... [--run-dir DIR] [--until STAGE] [--force STAGE]...
     llmpipe STAGE --config FILE [--run-dir DIR] [--set k=v]...     one stage, no Prefect
+    llmpipe pretrain --config FILE --nproc N                       a training stage on N processes (torchrun)
     llmpipe export --run-dir DIR --stage STAGE --out DIR
     llmpipe generate --run-dir DIR --stage STAGE --prompt TEXT [...]
     llmpipe serve --config FILE --cron "0 3 * * *"
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from llmpipe import config as configlib
 from llmpipe.errors import UserError
-from llmpipe.stages import stage_names
+from llmpipe.stages import STAGES, stage_names
 
 EXIT_USER_ERROR = 2
 
@@ -30,6 +31,12 @@ def _add_config_args(parser: argparse.ArgumentParser, run_dir_required: bool = F
                         help="override a config value (parsed as YAML); repeatable")
     parser.add_argument("--run-dir", type=Path, required=run_dir_required,
                         help="run directory (default: runs/<run.name>)")
+
+
+def _training_section(stage: str) -> str | None:
+    """The stage's training section (a TrainSection: nproc, parallel), if it is a training stage."""
+    fields = configlib.RunConfig.model_fields
+    return next((s for s in STAGES[stage].sections if issubclass(fields[s].annotation, configlib.TrainSection)), None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in stage_names():
         stage = commands.add_parser(name, help=f"run the {name} stage alone, without Prefect")
         _add_config_args(stage)
+        section = _training_section(name)
+        if section:
+            stage.add_argument("--nproc", type=int, metavar="N",
+                               help=f"processes on this node (torchrun workers when > 1); as --set {section}.nproc=N")
+            stage.set_defaults(training_section=section)
 
     export = commands.add_parser("export", help="write a Hugging Face folder from a training stage")
     export.add_argument("--run-dir", type=Path, required=True)
@@ -69,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace) -> configlib.RunConfig:
-    return configlib.load(args.config, args.overrides, args.run_dir)
+    overrides = list(args.overrides)
+    if getattr(args, "nproc", None) is not None:
+        overrides.append(f"{args.training_section}.nproc={args.nproc}")
+    return configlib.load(args.config, overrides, args.run_dir)
 
 
 def set_orchestration_defaults() -> None:

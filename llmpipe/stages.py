@@ -12,10 +12,8 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import os
 import platform
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -25,8 +23,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmpipe import io
-from llmpipe.config import RunConfig, dump
+from llmpipe.config import RunConfig, TrainSection, dump
 from llmpipe.errors import UserError
+from llmpipe.faults import fault_point
 from llmpipe.paths import MANIFEST, RunDir
 from llmpipe.tracking import NullTracker, Tracker
 
@@ -238,6 +237,16 @@ def _git_commit() -> str | None:
         return None
 
 
+def _call_stage_function(stage: Stage, ctx: StageContext, sections: list, config: RunConfig) -> dict:
+    """Run the stage's function in this process, or in `nproc` torchrun workers for a training stage."""
+    nproc = max((s.nproc for s in sections if isinstance(s, TrainSection)), default=1)
+    if nproc == 1:
+        return stage.function()(ctx, *sections)
+    from llmpipe.distributed.launch import run_workers  # only here: the package may import torch
+
+    return run_workers(ctx, config, nproc)
+
+
 def execute(name: str, config: RunConfig, tracker: Tracker | None = None) -> dict:
     """Run one stage to completion and return its manifest."""
     if name not in STAGES:
@@ -257,7 +266,7 @@ def execute(name: str, config: RunConfig, tracker: Tracker | None = None) -> dic
 
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     ctx = StageContext(name=name, run_dir=run_dir, out_dir=out_dir, seed=config.run.seed, tracker=tracker)
-    result = stage.function()(ctx, *sections) or {}
+    result = _call_stage_function(stage, ctx, sections, config) or {}
     wall = time.perf_counter() - t0
 
     fault_point(name, "before_manifest")
@@ -284,12 +293,6 @@ def execute(name: str, config: RunConfig, tracker: Tracker | None = None) -> dic
     tracker.log_metrics({**metrics, "wall_time_s": wall})
     tracker.log_artifact(run_dir.manifest(name))
     return manifest
-
-
-def fault_point(stage: str, point: str) -> None:
-    """Fault injection for tests: `LLMPIPE_FAULT=stage:point` kills the process here, like a crash would."""
-    if os.environ.get("LLMPIPE_FAULT") == f"{stage}:{point}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def verify_outputs(run_dir: RunDir, stage: str, names: list[str] | None = None) -> dict:

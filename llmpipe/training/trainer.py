@@ -42,6 +42,7 @@ from llmpipe.distributed import env
 from llmpipe.distributed.checkpoint import full_model_state, load_full_model_state
 from llmpipe.distributed.parallelize import SHARDED, ParallelModel, parallelize
 from llmpipe.errors import BadValue, UserError
+from llmpipe.faults import fault_point
 from llmpipe.model.model import Transformer
 from llmpipe.model.release import write_release
 from llmpipe.progress import progress
@@ -241,6 +242,7 @@ class Trainer:
                                                          **adamw_defaults(cfg, fused))
                            for part in self.parallel.model_parts]
         self.on_step_end: list[Callable[[LoopState], None]] = []  # called once per optimizer step, every rank
+        self.on_step_end.append(lambda state: fault_point(section, f"step_{state.step}"))  # LLMPIPE_FAULT
 
     @property
     def dp_rank(self) -> int:
