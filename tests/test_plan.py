@@ -15,12 +15,13 @@ from llmpipe.distributed.plan import (
     Cluster,
     Layout,
     _block_activation_bytes,
+    _block_input_bytes,
     _head_activation_bytes,
     format_plan,
     make_plan,
     memory_per_gpu,
 )
-from llmpipe.model.model import Transformer
+from llmpipe.model.model import Transformer, parameter_count
 
 REPO = Path(__file__).resolve().parents[1]
 # B * T differs from every weight dimension, so 2-D saved tensors tell activations from weight casts
@@ -28,10 +29,16 @@ SMALL = dict(vocab_size=300, d_model=32, n_heads=4, n_kv_heads=2, d_ff=80, seq_l
 BATCH = 2
 
 
-def _saved_bytes(cfg: ModelSection, dtype: torch.dtype | None, checkpointing: bool = False) -> tuple[int, int]:
-    """(activation bytes, bf16 weight-copy bytes) of the unique storages autograd saves in one forward."""
+def _saved_bytes(cfg: ModelSection, mode: str, checkpointing: bool = False) -> tuple[int, int]:
+    """(activation bytes, bf16 weight-copy bytes) of the unique storages autograd saves in one forward.
+
+    mode: "fp32", "autocast" (bf16 autocast over fp32 weights) or "bf16" (bf16 weights, as FSDP's
+    mixed precision computes).
+    """
     torch.manual_seed(0)
     model = Transformer(cfg)
+    if mode == "bf16":
+        model.to(torch.bfloat16)
     model.activation_checkpointing = checkpointing
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
@@ -45,50 +52,51 @@ def _saved_bytes(cfg: ModelSection, dtype: torch.dtype | None, checkpointing: bo
 
     idx = torch.randint(0, cfg.vocab_size, (BATCH, cfg.seq_len))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
             model(idx, idx)
     activations = sum(n for n, cast in saved.values() if not cast)
     return activations, sum(n for n, cast in saved.values() if cast)
 
 
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-def test_activation_formula_counts_what_autograd_saves(dtype):
-    nbytes = 4 if dtype is None else 2
+@pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16"])
+def test_activation_formula_counts_what_autograd_saves(mode):
     tokens = BATCH * SMALL["seq_len"]
     one, two = (ModelSection(**SMALL, n_layers=n) for n in (1, 2))
-    split, whole = _block_activation_bytes(one, nbytes)
-    (act1, cast1), (act2, cast2) = _saved_bytes(one, dtype), _saved_bytes(two, dtype)
+    split, whole = _block_activation_bytes(one, mode)
+    (act1, cast1), (act2, cast2) = _saved_bytes(one, mode), _saved_bytes(two, mode)
     assert act2 - act1 == tokens * (split + whole)  # exactly one block's saved tensors
-    if dtype is not None:  # autocast saves a bf16 copy of each matmul weight: the planner's compute copy
-        C, F, kv_width = SMALL["d_model"], SMALL["d_ff"], SMALL["n_kv_heads"] * SMALL["d_model"] // SMALL["n_heads"]
-        matmul_weights = 2 * C * C + 2 * C * kv_width + 3 * C * F  # wq, wo; wk, wv; SwiGLU
-        assert cast2 - cast1 == 2 * matmul_weights
-    head_saved, _ = _head_activation_bytes(one, nbytes, tp=1)
+    C, F, kv_width = SMALL["d_model"], SMALL["d_ff"], SMALL["n_kv_heads"] * SMALL["d_model"] // SMALL["n_heads"]
+    matmul_weights = 2 * C * C + 2 * C * kv_width + 3 * C * F  # wq, wo; wk, wv; SwiGLU
+    # autocast saves a bf16 copy of each matmul weight: the planner counts it with the weights
+    assert cast2 - cast1 == (2 * matmul_weights if mode == "autocast" else 0)
+    head_saved, _ = _head_activation_bytes(one, mode, tp=1)
     # the rest: token ids, the rotary tables and the loss, a few hundred bytes
     assert 0 <= act1 - tokens * (split + whole + head_saved) < 0.02 * act1
 
 
-def test_checkpointing_saves_only_block_inputs():
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_checkpointing_saves_only_block_inputs(mode):
     tokens = BATCH * SMALL["seq_len"]
     one, two = (ModelSection(**SMALL, n_layers=n) for n in (1, 2))
-    per_block = _saved_bytes(two, None, checkpointing=True)[0] - _saved_bytes(one, None, checkpointing=True)[0]
-    assert per_block == tokens * 4 * SMALL["d_model"]  # the fp32 residual entering the block
+    per_block = _saved_bytes(two, mode, checkpointing=True)[0] - _saved_bytes(one, mode, checkpointing=True)[0]
+    assert per_block == tokens * _block_input_bytes(one, mode)  # the residual stream entering the block
 
 
 MEASURE_PEAK = r"""
 import sys
 import torch
 from llmpipe.config import ModelSection, PretrainSection
-from llmpipe.model.model import Transformer
+from llmpipe.model.model import Transformer, parameter_count
 from llmpipe.training.optim import build_optimizer
 
 def status(field):
     line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
     return int(line.split()[1]) * 1024
 
-def train_steps(model, optimizer, x, y, steps):
+def train_steps(model, optimizer, x, y, steps, accumulation=1):
     for _ in range(steps):
-        model(x, y).backward()
+        for _ in range(accumulation):
+            (model(x, y) / accumulation).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -109,11 +117,13 @@ open("/proc/self/clear_refs", "w").write("5")  # the peak RSS (VmHWM) starts aga
 baseline = status("VmRSS")
 model = Transformer(model_cfg)
 model.activation_checkpointing = train_cfg.activation_checkpointing
-train_steps(model, build_optimizer(model, train_cfg), x, y, steps=2)  # step 2 runs with AdamW's states
+accumulation = train_cfg.batch_tokens // (train_cfg.micro_batch_size * model_cfg.seq_len)
+train_steps(model, build_optimizer(model, train_cfg), x, y, steps=2, accumulation=accumulation)  # step 2 has AdamW's states
 print(status("VmHWM") - baseline)
 """
 
-TINY_25M = ["model.d_model=512", "model.d_ff=1536", "pretrain.micro_batch_size=2"]  # 25.6M parameters
+# 25.6M parameters; 2 micro-batches per step, so gradients are held while the second one runs
+TINY_25M = ["model.d_model=512", "model.d_ff=1536", "pretrain.micro_batch_size=2", "pretrain.batch_tokens=1024"]
 
 
 @pytest.mark.slow  # ~8 s each alone, ~25 s on the shared 2 cores
@@ -157,11 +167,16 @@ def test_7b_on_one_node_fits_with_sharding_and_not_with_ddp():
 def test_sharding_divides_what_each_strategy_shards():
     config = load(REPO / "configs/llama-7b.yaml")
     model, train = config.model, config.pretrain
+    psi = parameter_count(model)
     ddp, zero1, zero2, fsdp = (memory_per_gpu(model, train, Layout(s), world=8) for s in ("ddp", "zero1", "zero2", "fsdp"))
-    assert zero1.optimizer == pytest.approx(ddp.optimizer / 8) and zero1.grads == ddp.grads
-    assert zero2.optimizer == zero1.optimizer and zero2.grads < ddp.grads / 4
+    assert zero1.optimizer == pytest.approx(ddp.optimizer / 8) == pytest.approx(8 * psi / 8)
+    assert zero1.grads == ddp.grads == 2 * 4 * psi  # fp32 gradients + DDP's buckets
+    assert zero2.optimizer == zero1.optimizer
+    assert zero2.grads == pytest.approx(4 * psi + 4 * psi / 8)  # unsharded while accumulating + the shard
+    single = train.model_copy(update={"batch_tokens": train.micro_batch_size * model.seq_len * 8})
+    assert memory_per_gpu(model, single, Layout("zero2"), world=8).grads < ddp.grads / 4  # no accumulation
     assert fsdp.weights < zero2.weights < ddp.weights
-    assert fsdp.activations == ddp.activations  # data parallelism leaves one rank's micro-batch whole
+    assert fsdp.activations < ddp.activations  # FSDP's bf16 parameters: no fp32 residual, no autocast casts
     tp = memory_per_gpu(model, train, Layout("tp", tp=8), world=8)
     assert ddp.activations / 8 < tp.activations < ddp.activations / 2  # the linears' gathered inputs stay whole
     gpipe, one_f_one_b = (memory_per_gpu(model, train, Layout("pp", pp=8, pp_schedule=s), world=8)

@@ -1,20 +1,28 @@
 """The memory planner: memory per GPU of one training step under each parallel layout, and which fit.
 
-Pure arithmetic over the config: no devices, no torch.distributed. It uses the same activation
-counts the model really saves for backward (checked against `saved_tensors_hooks` and against the
-peak memory of real CPU steps in tests/test_plan.py).
+Pure arithmetic over the config: no devices, no torch.distributed. It counts what the engine
+(llmpipe/distributed/parallelize.py) really holds, and the activations the model really saves for
+backward (checked against `saved_tensors_hooks` and against the peak memory of real CPU steps in
+tests/test_plan.py). Estimates are for eager mode: torch.compile usually saves less, because its
+partitioner recomputes elementwise operations in backward.
+
+Precision: fp32 everywhere on the CPU. On GPUs, ddp, zero1, tp and pp run under bf16 autocast
+(fp32 parameters, bf16 matmuls); zero2, fsdp and fsdp_tp use FSDP mixed precision instead (bf16
+gathered parameters and activations, fp32 master weights, gradients reduced in fp32).
 
 Memory per GPU, for the psi parameters a rank holds after tensor (tp) and pipeline (pp) splitting,
 d data-parallel ranks (d = world / (tp * pp)):
 
-    weights      fp32 master copy, 4 psi (4 psi / d when sharded: zero2, fsdp, fsdp_tp)
-                 + bf16 compute copies: autocast's casts saved for backward (ddp, zero1, tp, pp: 2 psi),
-                 all gathered parameters kept after forward (zero2: 2 psi), or the gathered
-                 parameters of the computed and the prefetched block plus the root module's
-                 (embedding, head), which FSDP does not reshard after forward (fsdp, fsdp_tp)
-    grads        fp32, 4 psi (DDP's gradients assumed to be views of its buckets); sharded
-                 strategies: 4 psi / d + the unsharded bf16 gradients and their fp32 reduce copy
-                 of two blocks in flight
+    weights      fp32 master weights, 4 psi (4 psi / d when sharded: zero2, fsdp, fsdp_tp)
+                 + bf16 compute copies: autocast's casts saved for backward (ddp, zero1, tp, pp:
+                 2 psi), every gathered parameter kept after forward (zero2: 2 psi), or the
+                 gathered parameters of the computed and the prefetched block plus the root
+                 module's (embedding, head), which FSDP does not reshard after forward (fsdp, fsdp_tp)
+    grads        fp32, 4 psi, + DDP's buckets, a second 4 psi (ddp, zero1 with d > 1); sharded
+                 strategies: 4 psi / d, + 4 psi while accumulating (the engine skips the
+                 reduce-scatter until the last micro-batch, and FSDP keeps the unsharded gradients
+                 in fp32 meanwhile) or, with one micro-batch per step, two blocks' unsharded bf16
+                 gradients and their fp32 reduce copies
     optimizer    AdamW's two fp32 states, 8 psi (8 psi / d with zero1, zero2, fsdp, fsdp_tp)
     activations  what autograd saves for backward at the configured micro-batch (see
                  `_block_activation_bytes`) for every block on the rank and micro-batch in flight,
@@ -22,19 +30,21 @@ d data-parallel ranks (d = world / (tp * pp)):
                  the two (tokens, vocab) fp32 gradients of the loss, or with activation
                  checkpointing the one block being recomputed, if larger
 
-    total        weights + optimizer + max(grads, activations): gradients are created during
-                 backward while the saved activations are released, so their peaks do not add up.
+    total        the sum: with gradient accumulation the gradients of earlier micro-batches are
+                 held while the next one runs. (With a single micro-batch per step gradients
+                 grow while activations are freed, and the sum overestimates by up to the grads.)
 
 A layout fits when its total is at most USABLE_FRACTION of the GPU's memory (the rest is left to
 the CUDA context, NCCL buffers and allocator fragmentation, which are not modelled).
 
 The step time is a rough estimate, only good for ranking layouts against each other: compute
 (flops_per_token * tokens, x 4/3 with activation checkpointing) at MFU_GUESS of the peak, slowed
-by the pipeline bubble (pp - 1) / (virtual stages * micro-batches); data-parallel traffic
-(all-reduce, all-gather, reduce-scatter of parameters and gradients) overlaps with compute, so
-the step takes the longer of the two; tensor-parallel and pipeline traffic is added on top.
-Traffic inside a node moves at NVLINK_BYTES_PER_S, traffic between nodes at NETWORK_BYTES_PER_S
-per GPU; ranks are numbered tp first, so a group crosses nodes when it is wider than a node.
+by the pipeline bubble (pp - 1) / (virtual stages * micro-batches) and by uneven stages;
+data-parallel traffic (gradient all-reduce or reduce-scatter once per step, FSDP's parameter
+all-gathers every micro-batch) overlaps with compute, so the step takes the longer of the two;
+tensor-parallel and pipeline traffic is added on top. Traffic inside a node moves at
+NVLINK_BYTES_PER_S, between nodes at NETWORK_BYTES_PER_S per GPU; ranks are numbered tp first
+(llmpipe/distributed/env.py), so a group crosses nodes when it is wider than a node.
 """
 
 from __future__ import annotations
@@ -106,7 +116,7 @@ class Memory:
 
     @property
     def total(self) -> float:
-        return self.weights + self.optimizer + max(self.grads, self.activations)
+        return self.weights + self.grads + self.optimizer + self.activations
 
 
 @dataclass(frozen=True)
@@ -127,9 +137,11 @@ def configured_layout(train: TrainSection) -> Layout:
     return Layout(p.strategy, tp=p.tp if p.strategy in ("tp", "fsdp_tp") else 1, activation_checkpointing=ac)
 
 
-def compute_bytes(train: TrainSection) -> int:
-    """bf16 on GPU (autocast / FSDP mixed precision) unless the config asks for fp32 or the CPU."""
-    return FP32 if train.dtype == "float32" or train.device == "cpu" else BF16
+def precision(train: TrainSection, strategy: str) -> str:
+    """fp32 on the CPU; on GPUs "bf16" (FSDP mixed precision) for the sharded strategies, "autocast" else."""
+    if train.dtype == "float32" or train.device == "cpu":
+        return "fp32"
+    return "bf16" if strategy in SHARDED_PARAMS else "autocast"
 
 
 # --- sizes -------------------------------------------------------------------------------------
@@ -149,36 +161,48 @@ def _sizes(model: ModelSection) -> _Sizes:
     return _Sizes(block=block, embedding=table, head=one - block)
 
 
-def _block_activation_bytes(model: ModelSection, nbytes: int) -> tuple[float, float]:
+def _block_activation_bytes(model: ModelSection, mode: str) -> tuple[float, float]:
     """Bytes autograd saves per token in one block: (split by tp with sequence parallel, not split).
 
-    fp32 (CPU): the block input and RMSNorm's x * rsqrt and its output, for attention and MLP
-    (6 C); q and the attention output (2 C; the output's transpose is the layout SDPA returns, no
-    copy); k and v (2 nkv hs); the SwiGLU gate, its silu, up and product (4 F); SDPA's
-    log-sum-exp (nh) and two rsqrt (2).
-    bf16 autocast: the fp32 residual and x * rsqrt stay fp32 (4 C x 4 bytes); every linear saves
-    its own bf16 cast of the norm output (3 for q, k, v, 2 for gate and up: 5 C x 2 bytes); q,
-    the attention output, k, v and the SwiGLU tensors are bf16; log-sum-exp and rsqrt fp32.
+    fp32: for attention and for the MLP, RMSNorm's input and x * rsqrt (4 C), and the norm output
+    the linears share (2 C); q and the attention output (2 C: its transpose is the layout SDPA
+    returns, no copy); k and v (2 nkv hs); the SwiGLU gate, its silu, up and product (4 F);
+    SDPA's log-sum-exp (nh) and two rsqrt (2). All x 4 bytes.
+    autocast: the residual and x * rsqrt stay fp32 (4 C x 4 bytes); each linear saves its own bf16
+    cast of the norm output (3 for q, k, v and 2 for gate and up: 5 C x 2 bytes); q, the attention
+    output, k, v and the SwiGLU tensors are bf16; log-sum-exp and rsqrt fp32.
+    bf16 (FSDP mixed precision): the norm upcasts its bf16 input (2 C x 4 bytes) and saves
+    x * rsqrt cast back to bf16 and its output (4 C x 2 bytes); the rest as under autocast.
     With sequence parallel the norms work on T / tp and the heads and F are split by tp, but each
     linear saves its all-gathered (B, T, C) input whole: that part is the second number.
     """
     C, F = model.d_model, model.d_ff
     hs, nkv = model.d_model // model.n_heads, model.n_kv_heads or model.n_heads
-    if nbytes == FP32:
-        split = FP32 * (6 * C + 2 * nkv * hs + 4 * F + model.n_heads + 2)
-        whole = FP32 * 2 * C  # the attention and MLP norm outputs, input of the first linears
-    else:
-        split = FP32 * (4 * C + model.n_heads + 2) + BF16 * (2 * C + 2 * nkv * hs + 4 * F)
-        whole = BF16 * 5 * C
-    return split, whole
+    scalars = FP32 * (model.n_heads + 2)  # log-sum-exp per head, rsqrt of the two norms
+    if mode == "fp32":
+        return FP32 * (6 * C + 2 * nkv * hs + 4 * F) + scalars, FP32 * 2 * C
+    bf16_tensors = BF16 * (2 * C + 2 * nkv * hs + 4 * F)  # q, attention output, k, v, SwiGLU
+    if mode == "autocast":
+        return FP32 * 4 * C + bf16_tensors + scalars, BF16 * 5 * C
+    return FP32 * 2 * C + BF16 * 2 * C + bf16_tensors + scalars, BF16 * 2 * C
 
 
-def _head_activation_bytes(model: ModelSection, nbytes: int, tp: int) -> tuple[float, float]:
-    """Per token: (saved by the final norm and the loss, transient loss gradients)."""
+def _head_activation_bytes(model: ModelSection, mode: str, tp: int) -> tuple[float, float]:
+    """Per token: (saved by the final norm and the loss, transient loss gradients).
+
+    The final norm saves as one of a block's (sequence-split) and the head's input (gathered);
+    log_softmax saves its fp32 output (vocabulary-split with loss parallel); in backward the
+    loss's and the logits' fp32 gradients exist at once.
+    """
     C, V = model.d_model, model.vocab_size
-    norm = FP32 * 2 * C / tp + nbytes * C  # residual and x * rsqrt (sequence-split), the head's input
-    log_probs = FP32 * V / tp  # log_softmax's fp32 output (vocab-split with loss parallel)
-    return norm + log_probs, 2 * FP32 * V / tp  # in backward: the loss's and the logits' gradients
+    norm = {"fp32": (FP32 * 2 * C, FP32 * C), "autocast": (FP32 * 2 * C, BF16 * C),
+            "bf16": (FP32 * C + BF16 * C, BF16 * C)}[mode]
+    return norm[0] / tp + norm[1] + FP32 * V / tp, 2 * FP32 * V / tp
+
+
+def _block_input_bytes(model: ModelSection, mode: str) -> int:
+    """Per token: what activation checkpointing keeps of a block, its input (the residual stream)."""
+    return (BF16 if mode == "bf16" else FP32) * model.d_model
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -204,9 +228,11 @@ def micro_batches_per_step(model: ModelSection, train: TrainSection, layout: Lay
 
 
 def _stage_memory(model: ModelSection, train: TrainSection, layout: Layout, world: int, stage: int) -> Memory:
-    sizes, nbytes = _sizes(model), compute_bytes(train)
+    sizes, mode = _sizes(model), precision(train, layout.strategy)
+    compute_bytes = FP32 if mode == "fp32" else BF16
     tp, pp = layout.tp, layout.pp
     d = world // (tp * pp)
+    micro_batches = micro_batches_per_step(model, train, layout, world)
     first, last = stage == 0, stage == pp - 1
     blocks = math.ceil(model.n_layers / pp)
     own_table = 0 if model.tie_embeddings else sizes.embedding  # a tied table is counted in the head
@@ -218,20 +244,24 @@ def _stage_memory(model: ModelSection, train: TrainSection, layout: Layout, worl
             gathered = psi
         else:
             gathered = (PREFETCHED_BLOCKS * sizes.block + own_table + sizes.head) / tp
-        weights = FP32 * psi / d + nbytes * gathered
-        unsharded_grad = nbytes + (FP32 if nbytes != FP32 else 0)  # bf16 gradient + its fp32 reduce copy
-        grads = FP32 * psi / d + unsharded_grad * PREFETCHED_BLOCKS * sizes.block / tp
+        weights = FP32 * psi / d + compute_bytes * gathered
+        if micro_batches > 1:
+            unsharded = FP32 * psi  # accumulated in fp32 until the last micro-batch reduce-scatters
+        else:  # bf16 gradients and their fp32 reduce copies, two blocks at a time
+            unsharded = (compute_bytes + (FP32 if compute_bytes != FP32 else 0)) * PREFETCHED_BLOCKS * sizes.block / tp
+        grads = FP32 * psi / d + unsharded
     else:
-        weights = FP32 * psi + (nbytes * matmul if nbytes != FP32 else 0)
-        grads = FP32 * psi
+        weights = FP32 * psi + (BF16 * matmul if mode == "autocast" else 0)
+        buckets = FP32 * psi if layout.strategy in ("ddp", "zero1") and d > 1 else 0
+        grads = FP32 * psi + buckets
     optimizer = ADAMW_STATES * FP32 * psi / (d if layout.strategy in SHARDED_OPTIMIZER else 1)
 
     tokens = train.micro_batch_size * model.seq_len
-    split, whole = _block_activation_bytes(model, nbytes)
+    split, whole = _block_activation_bytes(model, mode)
     full_block = split / tp + whole
-    stored_block = FP32 * model.d_model / tp if layout.activation_checkpointing else full_block
-    head_saved, head_transient = _head_activation_bytes(model, nbytes, tp) if last else (0.0, 0.0)
-    in_flight = _in_flight(layout, micro_batches_per_step(model, train, layout, world), stage)
+    stored_block = _block_input_bytes(model, mode) / tp if layout.activation_checkpointing else full_block
+    head_saved, head_transient = _head_activation_bytes(model, mode, tp) if last else (0.0, 0.0)
+    in_flight = _in_flight(layout, micro_batches, stage)
     transient = max(head_transient, full_block if layout.activation_checkpointing else 0.0)
     activations = tokens * (in_flight * (blocks * stored_block + head_saved) + transient)
     return Memory(weights=weights, grads=grads, optimizer=optimizer, activations=activations)
@@ -256,7 +286,8 @@ def _ring(bytes_per_rank: float, ranks: int, crosses_nodes: bool) -> float:
 
 def step_time_s(model: ModelSection, train: TrainSection, layout: Layout, cluster: Cluster) -> float:
     """A rough estimate of one optimizer step's seconds (see the module docstring)."""
-    world, nbytes = cluster.world_size, compute_bytes(train)
+    world = cluster.world_size
+    compute_bytes = FP32 if precision(train, layout.strategy) == "fp32" else BF16
     tp, pp = layout.tp, layout.pp
     d = world // (tp * pp)
     micro = micro_batches_per_step(model, train, layout, world)
@@ -269,18 +300,18 @@ def step_time_s(model: ModelSection, train: TrainSection, layout: Layout, cluste
 
     psi = parameter_count(model) / (tp * pp)
     dp_crosses = world > cluster.gpus_per_node and d > 1
+    gradients = FP32 * psi  # reduced once per step, on the last micro-batch
     if layout.strategy == "ddp":
-        data_parallel = _ring(2 * FP32 * psi, d, dp_crosses)  # one all-reduce per step
+        data_parallel = _ring(2 * gradients, d, dp_crosses)  # all-reduce
     elif layout.strategy == "zero1":
-        data_parallel = _ring(3 * FP32 * psi, d, dp_crosses)  # all-reduce, then updated shards broadcast
-    elif layout.strategy == "zero2":  # per micro-batch: one all-gather, one reduce-scatter
-        data_parallel = micro * _ring((nbytes + FP32) * psi, d, dp_crosses)
-    elif layout.strategy in ("fsdp", "fsdp_tp"):  # per micro-batch: all-gather in forward and backward
-        data_parallel = micro * _ring((2 * nbytes + FP32) * psi, d, dp_crosses)
+        data_parallel = _ring(3 * gradients, d, dp_crosses)  # all-reduce, then the updated shards broadcast
+    elif layout.strategy in SHARDED_PARAMS:  # reduce-scatter + parameter all-gathers every micro-batch
+        gathers = 1 if layout.strategy == "zero2" else 2  # fsdp gathers again for backward
+        data_parallel = _ring(gradients, d, dp_crosses) + micro * gathers * _ring(compute_bytes * psi, d, dp_crosses)
     else:
         data_parallel = 0.0
 
-    activation = train.micro_batch_size * model.seq_len * model.d_model * nbytes
+    activation = train.micro_batch_size * model.seq_len * model.d_model * compute_bytes
     # sequence parallel: 2 all-gathers + 2 reduce-scatters per block forward, as many in backward
     collectives = (8 + (4 if layout.activation_checkpointing else 0)) * model.n_layers / pp
     tensor_parallel = micro * collectives * _ring(activation, tp, tp > cluster.gpus_per_node)
@@ -331,10 +362,10 @@ def make_plan(config: RunConfig, cluster: Cluster) -> list[Plan]:
 def format_plan(config: RunConfig, cluster: Cluster, plans: list[Plan]) -> str:
     """The table `llmpipe plan` prints."""
     model, train = config.model, config.pretrain
-    precision = "fp32" if compute_bytes(train) == FP32 else "bf16"
+    mode = "fp32" if precision(train, "ddp") == "fp32" else "bf16 on GPUs"
     fastest = min((p.step_time_s for p in plans if p.fits), default=None)
     lines = [f"{config.run.name}: {parameter_count(model) / 1e9:.2f}B parameters on {cluster.nodes} x "
-             f"{cluster.gpus_per_node} GPUs of {cluster.gpu_mem_gib:g} GiB ({precision}, micro-batch "
+             f"{cluster.gpus_per_node} GPUs of {cluster.gpu_mem_gib:g} GiB ({mode}, micro-batch "
              f"{train.micro_batch_size} x {model.seq_len} tokens, {train.batch_tokens:,} tokens per step)",
              f"GiB per GPU; fits: total <= {USABLE_FRACTION:.0%} of the GPU; step: estimated time relative to "
              f"the fastest plan that fits (rough)",
@@ -347,7 +378,7 @@ def format_plan(config: RunConfig, cluster: Cluster, plans: list[Plan]) -> str:
                      f"{m.weights / GIB:8.1f} {m.grads / GIB:7.1f} {m.optimizer / GIB:7.1f} {m.activations / GIB:7.1f} "
                      f"{m.total / GIB:7.1f}  {'yes' if p.fits else 'no ':<4}  {step}")
     if fastest:
-        lines.append(f"\nfastest plan that fits: ~{fastest:.1f} s per step; total = weights + optim + max(grads, activ)")
+        lines.append(f"\nfastest plan that fits: ~{fastest:.1f} s per step")
     if model.tie_embeddings and cluster.world_size > 1:
         lines.append("(tp, pp and fsdp_tp are not listed: they need model.tie_embeddings: false)")
     if not any(p.configured for p in plans):
