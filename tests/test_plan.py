@@ -197,3 +197,21 @@ def test_plan_command_prints_the_table(tmp_path):
     config = load(REPO / "configs/llama-7b.yaml")
     cluster = Cluster(gpus_per_node=8, gpu_mem_gib=80)
     assert result.stdout.strip() == format_plan(config, cluster, make_plan(config, cluster)).strip()
+
+
+def test_layouts_the_engine_cannot_run_are_not_offered():
+    config = load(REPO / "configs/llama-13b.yaml")
+    labels = {p.layout.label() for p in make_plan(config, Cluster(gpus_per_node=8, gpu_mem_gib=80, nodes=2))}
+    assert "fsdp_tp tp=8" in labels and "tp tp=16" not in labels  # 40 heads do not split 16 ways
+    tied = load(REPO / "configs/llama-1b.yaml")
+    strategies = {p.layout.strategy for p in make_plan(tied, Cluster(gpus_per_node=8, gpu_mem_gib=80))}
+    assert strategies == {"ddp", "zero1", "zero2", "fsdp"}  # config.py refuses tied embeddings with tp or pp
+    one_gpu = make_plan(load(REPO / "configs/gpt2-124m.yaml"), Cluster(gpus_per_node=1, gpu_mem_gib=80))
+    assert [(p.layout.strategy, p.layout.activation_checkpointing) for p in one_gpu] == [("ddp", False), ("ddp", True)]
+    assert one_gpu[0].configured
+
+
+def test_plan_command_refuses_a_cluster_of_nothing():
+    result = subprocess.run([sys.executable, "-m", "llmpipe.cli", "plan", "--config", "configs/llama-7b.yaml",
+                             "--gpus", "0", "--gpu-mem", "80"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "--gpus 0" in result.stderr and "Traceback" not in result.stderr

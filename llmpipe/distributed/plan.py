@@ -129,8 +129,13 @@ class Plan:
 
 
 def configured_layout(train: TrainSection) -> Layout:
-    """The layout `pretrain.parallel` asks for, with degrees a strategy does not use left at 1."""
+    """The layout `pretrain.parallel` asks for, with degrees a strategy does not use left at 1.
+
+    One process runs the plain model whatever the strategy; it is listed as ddp.
+    """
     p, ac = train.parallel, train.activation_checkpointing
+    if train.world_size == 1:
+        return Layout("ddp", activation_checkpointing=ac)
     if p.strategy == "pp":
         virtual = p.pp_virtual_stages if p.pp_schedule == "interleaved_1f1b" else 1
         return Layout("pp", pp=p.pp, pp_schedule=p.pp_schedule, pp_virtual_stages=virtual, activation_checkpointing=ac)
@@ -327,15 +332,16 @@ def step_time_s(model: ModelSection, train: TrainSection, layout: Layout, cluste
 def candidate_layouts(model: ModelSection, train: TrainSection, world: int) -> list[Layout]:
     """Every layout the engine can run on `world` GPUs, each without and with activation checkpointing.
 
-    Tensor parallelism needs the query and key/value heads to split evenly; a pipeline needs a
-    block per stage (per virtual stage with interleaved_1f1b).
+    Tensor parallelism needs heads, key/value heads, d_ff, the vocabulary and the sequence to split
+    evenly (llmpipe/distributed/tensor_parallel.py); a pipeline needs a block per stage (per virtual
+    stage with interleaved_1f1b).
     """
-    heads_split = [t for t in range(2, world + 1) if world % t == 0 and model.n_heads % t == 0
-                   and (model.n_kv_heads or model.n_heads) % t == 0]
-    shapes = [Layout(s) for s in ("ddp", "zero1", "zero2", "fsdp")]
+    split_evenly = (model.n_heads, model.n_kv_heads or model.n_heads, model.d_ff, model.vocab_size, model.seq_len)
+    tp_degrees = [t for t in range(2, world + 1) if world % t == 0 and all(n % t == 0 for n in split_evenly)]
+    shapes = [Layout(s) for s in ("ddp", "zero1", "zero2", "fsdp")] if world > 1 else [Layout("ddp")]
     if world > 1 and not model.tie_embeddings:  # config.py allows a tied table only with data parallelism
-        shapes += [Layout("tp", tp=world)] if world in heads_split else []
-        shapes += [Layout("fsdp_tp", tp=t) for t in heads_split if t < world]
+        shapes += [Layout("tp", tp=world)] if world in tp_degrees else []
+        shapes += [Layout("fsdp_tp", tp=t) for t in tp_degrees if t < world]
         v = train.parallel.pp_virtual_stages if train.parallel.pp_virtual_stages > 1 else 2
         shapes += [Layout("pp", pp=world, pp_schedule=s) for s in ("gpipe", "1f1b") if model.n_layers >= world]
         if model.n_layers >= world * v:
