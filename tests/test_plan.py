@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from llmpipe.config import ModelSection, load
 from llmpipe.distributed.plan import (
@@ -29,6 +31,23 @@ SMALL = dict(vocab_size=300, d_model=32, n_heads=4, n_kv_heads=2, d_ff=80, seq_l
 BATCH = 2
 
 
+class Checkpointed(nn.Module):
+    """A block recomputed in backward, as parallelize() applies activation checkpointing."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args):
+        return checkpoint(self.block, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    blocks = model.trf_blocks
+    for key in list(blocks.keys()) if isinstance(blocks, nn.ModuleDict) else range(len(blocks)):
+        blocks[key] = Checkpointed(blocks[key])
+
+
 def _saved_bytes(cfg: ModelSection, mode: str, checkpointing: bool = False) -> tuple[int, int]:
     """(activation bytes, bf16 weight-copy bytes) of the unique storages autograd saves in one forward.
 
@@ -39,7 +58,8 @@ def _saved_bytes(cfg: ModelSection, mode: str, checkpointing: bool = False) -> t
     model = Transformer(cfg)
     if mode == "bf16":
         model.to(torch.bfloat16)
-    model.activation_checkpointing = checkpointing
+    if checkpointing:
+        checkpoint_blocks(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
 
@@ -86,8 +106,9 @@ MEASURE_PEAK = r"""
 import sys
 import torch
 from llmpipe.config import ModelSection, PretrainSection
-from llmpipe.model.model import Transformer, parameter_count
+from llmpipe.model.model import Transformer
 from llmpipe.training.optim import build_optimizer
+from test_plan import checkpoint_blocks
 
 def status(field):
     line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
@@ -110,13 +131,15 @@ x, y = (torch.randint(0, model_cfg.vocab_size, (train_cfg.micro_batch_size, mode
 small_cfg = model_cfg.model_copy(update={"vocab_size": 300, "d_model": 32, "n_heads": 2, "n_kv_heads": None,
                                          "d_ff": 32, "n_layers": 1})
 small = Transformer(small_cfg)
-small.activation_checkpointing = train_cfg.activation_checkpointing
+if train_cfg.activation_checkpointing:
+    checkpoint_blocks(small)
 train_steps(small, build_optimizer(small, train_cfg), x[:1] % 300, y[:1] % 300, steps=2)
 del small
 open("/proc/self/clear_refs", "w").write("5")  # the peak RSS (VmHWM) starts again from the current RSS
 baseline = status("VmRSS")
 model = Transformer(model_cfg)
-model.activation_checkpointing = train_cfg.activation_checkpointing
+if train_cfg.activation_checkpointing:
+    checkpoint_blocks(model)
 accumulation = train_cfg.batch_tokens // (train_cfg.micro_batch_size * model_cfg.seq_len)
 train_steps(model, build_optimizer(model, train_cfg), x, y, steps=2, accumulation=accumulation)  # step 2 has AdamW's states
 print(status("VmHWM") - baseline)
@@ -136,7 +159,7 @@ def test_cpu_estimate_within_25_percent_of_measured_peak(overrides):
     estimate = memory_per_gpu(config.model, config.pretrain, layout, world=1).total
     # glibc otherwise keeps freed buffers of up to 32 MB in its heap after the first one is freed
     # (a sliding mmap threshold), so the RSS would show its retention policy, not the tensors
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run([sys.executable, "-c", MEASURE_PEAK, config.model.model_dump_json(),
                              config.pretrain.model_dump_json()], capture_output=True, text=True, env=env, check=True)
     measured = int(result.stdout)
