@@ -6,6 +6,7 @@
     llmpipe export --run-dir DIR --stage STAGE --out DIR
     llmpipe generate --run-dir DIR --stage STAGE --prompt TEXT [...]
     llmpipe serve --config FILE --cron "0 3 * * *"
+    llmpipe plan --config FILE --gpus N --gpu-mem GiB [--nodes K]   memory per GPU of each parallel layout
 
 Only `run` and `serve` reach the orchestration layer (`flows/`), imported lazily: the library
 itself never imports Prefect. Errors that are the user's to fix print one line and exit 2.
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from llmpipe import config as configlib
-from llmpipe.errors import UserError
+from llmpipe.errors import BadValue, UserError
 from llmpipe.stages import STAGES, stage_names
 
 EXIT_USER_ERROR = 2
@@ -77,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(serve)
     serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
     serve.add_argument("--name", help="deployment name (default: run.name)")
+
+    plan = commands.add_parser("plan", help="memory per GPU of each parallel layout for pretraining, and which fit")
+    plan.add_argument("--config", required=True, type=Path, help="YAML config, e.g. configs/llama-7b.yaml")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override a config value (parsed as YAML); repeatable")
+    plan.add_argument("--gpus", required=True, type=int, help="GPUs per node")
+    plan.add_argument("--gpu-mem", required=True, type=float, metavar="GiB", help="memory of one GPU in GiB")
+    plan.add_argument("--nodes", type=int, help="nodes (default: pretrain.nnodes)")
     return parser
 
 
@@ -172,9 +181,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from llmpipe.distributed.plan import Cluster, format_plan, make_plan
+
+    config = configlib.load(args.config, args.overrides)
+    nodes = args.nodes if args.nodes is not None else config.pretrain.nnodes
+    if args.gpus < 1 or nodes < 1 or args.gpu_mem <= 0:
+        raise BadValue(f"--gpus {args.gpus}, --nodes {nodes}, --gpu-mem {args.gpu_mem}: each must be positive")
+    cluster = Cluster(gpus_per_node=args.gpus, gpu_mem_gib=args.gpu_mem, nodes=nodes)
+    print(format_plan(config, cluster, make_plan(config, cluster)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": _run, "export": _export, "generate": _generate, "serve": _serve}.get(args.command, _run_stage)
+    handler = {"run": _run, "export": _export, "generate": _generate, "serve": _serve,
+               "plan": _plan}.get(args.command, _run_stage)
     try:
         return handler(args)
     except UserError as err:
