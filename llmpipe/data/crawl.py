@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from llmpipe import io
+from llmpipe import console, io
 from llmpipe.config import CrawlSection
 
 DEPTH_HEADER = "LLMPipe-Crawl-Depth"  # WARC extension header on response records: link hops from a seed
@@ -284,7 +284,9 @@ def run_crawl(job: CrawlJob, timeout_s: float | None = None) -> dict:
     Path(job.warc_dir).mkdir(parents=True, exist_ok=True)
     job_path = job.write()
     before = {p.name for p in Path(job.state_dir).glob("session-*.json")}
-    proc = subprocess.Popen(crawler_command(job_path), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    log = console.subprocess_output()  # Scrapy's log goes to the stage's log, not the terminal
+    proc = subprocess.Popen(crawler_command(job_path), stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT if log else None, preexec_fn=_die_with_parent)
     try:
         rc = proc.wait(timeout=timeout_s)
     finally:
