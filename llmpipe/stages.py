@@ -17,7 +17,9 @@ import platform
 import shutil
 import signal
 import subprocess
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -257,6 +259,11 @@ class StageContext:
     tracker: Tracker = field(default_factory=NullTracker)
 
 
+# MLflow creates a dataset row on first use without a lock: two branches reading the same
+# upstream output at once would both try to insert it.
+_LOG_INPUTS = threading.Lock()
+
+
 def _prepare_out_dir(stage: Stage, out_dir: Path, key: str) -> None:
     key_file = out_dir / ".cache_key"
     resuming = stage.resumable and key_file.is_file() and key_file.read_text() == key
@@ -326,8 +333,12 @@ def execute(name: str, config: RunConfig, tracker: Tracker | None = None,
     console.stage_line(name, "started")
     t0 = time.perf_counter()
     try:
-        with console.stage_output(log_path):
-            manifest = _execute(stage, config, run_dir, tracker, external)
+        with console.stage_output(log_path) as log:
+            try:
+                manifest = _execute(stage, config, run_dir, tracker, external)
+            except BaseException:
+                traceback.print_exc(file=log)  # the terminal gets one line; the log gets the whole story
+                raise
     except BaseException as err:
         console.stage_line(name, "failed", time.perf_counter() - t0, f"{type(err).__name__}: {err} (log: {log_path})")
         raise
@@ -354,7 +365,8 @@ def _execute(stage: Stage, config: RunConfig, run_dir: RunDir, tracker: Tracker,
                         for k, v in _flatten(sec.model_dump(mode="json")).items()})
     sources = {input_name: paths[input_name] if spec.external(config) is not None else run_dir.manifest(spec.stage)
                for input_name, spec in stage.active_inputs(config).items()}
-    tracker.log_inputs({input_name: (str(sources[input_name]), fp) for input_name, fp in inputs.items()})
+    with _LOG_INPUTS:
+        tracker.log_inputs({input_name: (str(sources[input_name]), fp) for input_name, fp in inputs.items()})
 
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     ctx = StageContext(name=name, run_dir=run_dir, out_dir=out_dir, seed=config.run.seed, inputs=paths,
