@@ -48,20 +48,17 @@ def pipeline(config_path: str, overrides: list[str] | None = None, run_dir: str 
     return {"stages": statuses, "flow_run_id": flow_run_id, "mlflow_run_id": tracking["parent_run_id"]}
 
 
-def serve(config_path: str, overrides: list[str], run_dir: str | None, name: str, cron: str) -> None:
+def serve(parameters: dict, name: str, cron: str) -> None:
     """Register a cron deployment of the pipeline and serve it from this process (blocks)."""
     require_prefect_server()
-    pipeline.serve(name=name, cron=cron,
-                   parameters={"config_path": config_path, "overrides": overrides, "run_dir": run_dir})
+    pipeline.serve(name=name, cron=cron, parameters=parameters)
 
 
-def deploy(config_path: str, overrides: list[str], run_dir: str | None, name: str, pool: str,
-           cron: str | None) -> UUID:
+def deploy(parameters: dict, name: str, pool: str, cron: str | None) -> UUID:
     """Register a deployment on a work pool; its workers start each run (a process pool here, a
     Kubernetes or Slurm-backed pool on a cluster). The flow is found by module path, so a worker
     needs llmpipe installed (or on PYTHONPATH), not a copy of this folder; it runs in this directory."""
     require_prefect_server()
     return pipeline.deploy(name=name, work_pool_name=pool, cron=cron, build=False, push=False,
                            entrypoint_type=EntrypointType.MODULE_PATH, print_next_steps=False,
-                           job_variables={"working_dir": str(Path.cwd())},
-                           parameters={"config_path": config_path, "overrides": overrides, "run_dir": run_dir})
+                           job_variables={"working_dir": str(Path.cwd())}, parameters=parameters)

@@ -22,7 +22,7 @@ from pathlib import Path
 from llmpipe import config as configlib
 from llmpipe import console
 from llmpipe.errors import UserError
-from llmpipe.stages import StagesFailed, stage_names
+from llmpipe.stages import StagesFailed, plan_stages, stage_names
 
 EXIT_USER_ERROR = 2
 EXIT_STAGE_FAILED = 1
@@ -89,12 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(serve)
     serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
     serve.add_argument("--name", help="deployment name (default: run.name)")
+    serve.add_argument("--until", type=_stage_list, metavar="STAGE[,STAGE...]", help="each run stops after these")
 
     deploy = commands.add_parser("deploy", help="register a deployment on a work pool (needs a Prefect server)")
     _add_config_args(deploy)
     deploy.add_argument("--pool", required=True, help="work pool name; its workers run the flow")
     deploy.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *" (default: runs only when triggered)')
     deploy.add_argument("--name", help="deployment name (default: run.name)")
+    deploy.add_argument("--until", type=_stage_list, metavar="STAGE[,STAGE...]", help="each run stops after these")
     return parser
 
 
@@ -119,8 +121,6 @@ def quiet_prefect_console(verbose: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from llmpipe.stages import plan_stages
-
     config = load_config(args)  # fail on a bad config, or an unknown or disabled stage, before Prefect starts
     plan_stages(config, args.until, args.only)
     set_orchestration_defaults()
@@ -186,14 +186,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deployment_parameters(args: argparse.Namespace, config: configlib.RunConfig) -> dict:
+    """The flow's parameters for every run of a deployment: absolute paths, as runs start elsewhere."""
+    plan_stages(config, args.until)  # an unknown or disabled stage fails now, not at 3 a.m.
+    return {"config_path": str(args.config.resolve()), "overrides": list(args.overrides),
+            "run_dir": str(args.run_dir.resolve()) if args.run_dir else None, "until": args.until}
+
+
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args)
     set_orchestration_defaults()
     from flows.pipeline import serve
 
-    serve(config_path=str(args.config.resolve()), overrides=list(args.overrides),
-          run_dir=str(args.run_dir.resolve()) if args.run_dir else None,
-          name=args.name or config.run.name, cron=args.cron)
+    serve(_deployment_parameters(args, config), name=args.name or config.run.name, cron=args.cron)
     return 0
 
 
@@ -202,9 +207,8 @@ def _deploy(args: argparse.Namespace) -> int:
     set_orchestration_defaults()
     from flows.pipeline import deploy
 
-    deployment_id = deploy(config_path=str(args.config.resolve()), overrides=list(args.overrides),
-                           run_dir=str(args.run_dir.resolve()) if args.run_dir else None,
-                           name=args.name or config.run.name, pool=args.pool, cron=args.cron)
+    deployment_id = deploy(_deployment_parameters(args, config), name=args.name or config.run.name,
+                           pool=args.pool, cron=args.cron)
     print(f"deployment llmpipe/{args.name or config.run.name} ({deployment_id}) on work pool {args.pool!r}; "
           f"start a worker: prefect worker start --pool {args.pool}")
     return 0

@@ -75,15 +75,20 @@ class _StageRecords(logging.Filter):
 def install(verbose: bool = False) -> None:
     """Route output by thread from now on (idempotent). Call once, before stages run."""
     _settings["verbose"] = verbose
-    if not _terminal:
-        _terminal.update(stdout=sys.stdout, stderr=sys.stderr)
-        sys.stdout, sys.stderr = _Dispatcher(sys.stdout), _Dispatcher(sys.stderr)
-        with contextlib.suppress(ImportError):  # datatrove logs with loguru; its default sink held the old stderr
-            from loguru import logger
-
-            logger.remove()
-            logger.add(sys.stderr, level="INFO")
+    _dispatch()
     route_logging()
+
+
+def _dispatch() -> None:
+    if _terminal:
+        return
+    _terminal.update(stdout=sys.stdout, stderr=sys.stderr)
+    sys.stdout, sys.stderr = _Dispatcher(sys.stdout), _Dispatcher(sys.stderr)
+    with contextlib.suppress(ImportError):  # datatrove logs with loguru; its default sink held the old stderr
+        from loguru import logger
+
+        logger.remove()
+        logger.add(sys.stderr, level="INFO")
 
 
 def route_logging() -> None:
@@ -108,6 +113,7 @@ def say(line: str) -> None:
 @contextlib.contextmanager
 def stage_output(path: Path) -> Iterator[IO[str]]:
     """Send this thread's output (and that of workers it forks) to the log at `path`, appended."""
+    _dispatch()  # also where no command installed it: flow runs that a deployment starts
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = _stage_log()
     with open(path, "a", buffering=1, encoding="utf-8") as log:
