@@ -114,17 +114,19 @@ def set_orchestration_defaults() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 
 
-def quiet_prefect_console(verbose: bool) -> None:
-    """Prefect's own log lines go to its API (the UI shows them); on the terminal only with --verbose."""
+def quiet_library_consoles(verbose: bool) -> None:
+    """Prefect's own log lines go to its API (the UI shows them), MLflow's info lines nowhere; on
+    the terminal only with --verbose. Set before either is imported: both read these at import."""
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args)  # fail on a bad config, or an unknown or disabled stage, before Prefect starts
     plan_stages(config, args.until, args.only)
     set_orchestration_defaults()
-    quiet_prefect_console(args.verbose)
+    quiet_library_consoles(args.verbose)
     console.install(args.verbose)
     from flows.pipeline import pipeline
 
@@ -156,6 +158,7 @@ def _run_stage(args: argparse.Namespace) -> int:
     from llmpipe import stages, tracking
 
     config = load_config(args)
+    quiet_library_consoles(args.verbose)
     console.install(args.verbose)
     uri = tracking.tracking_uri(config.run_dir.parent)
     experiment = tracking.init_store(uri, config.run_dir.parent)

@@ -169,6 +169,8 @@ def plan_stages(config: RunConfig, until: str | list[str] | None = None, only: s
             raise StageError(f"stage {name!r} is off: align.methods={config.align.methods} "
                              f"does not include {' or '.join(STAGES[name].methods)}")
     if only:
+        for dependency in graph[only]:  # its inputs must be in the run directory already
+            read_manifest(RunDir(config.run_dir), dependency)
         return [only]
     needed: set[str] = set()
     todo = list(targets)

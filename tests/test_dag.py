@@ -53,7 +53,31 @@ def test_until_several_stages_plans_what_they_need(toys, tmp_path):
     config = _config(tmp_path)
     assert stages.plan_stages(config, ["left", "train"]) == ["source", "left", "train"]
     assert stages.plan_stages(config, "join") == ["source", "left", "right", "join"]
+    with pytest.raises(stages.StageError, match="'left' has not completed"):
+        stages.plan_stages(config, only="join")  # --only takes its inputs from the run directory
+    for name in ("left", "right"):
+        RunDir(config.run_dir).manifest(name).parent.mkdir(parents=True)
+        RunDir(config.run_dir).manifest(name).write_text("{}")
     assert stages.plan_stages(config, only="join") == ["join"]
+
+
+def test_external_inputs_are_hashed_once_per_run(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("alpha")
+    stage = Stage("toy", "toy_stages:source", ("tokenizer",),
+                  inputs={"train": Input(field="tokenizer.input"), "extra": Input(field="shard.input")})
+    monkeypatch.setattr(stages, "STAGES", {"toy": stage, **stages.STAGES})
+    config = configlib.validate({"run": {"run_dir": str(tmp_path / "run")},
+                                 "tokenizer": {"input": str(corpus)}, "shard": {"input": str(corpus)}})
+    hashed = []
+    real = stages.directory_fingerprint
+    monkeypatch.setattr(stages, "directory_fingerprint", lambda path: hashed.append(path) or real(path))
+    external = stages.external_fingerprints(config, ["toy", "tokenizer", "shard"])
+    prints = {name: stages.input_fingerprints(stages.STAGES[name], config, external) for name in ("toy", "tokenizer")}
+    assert hashed == [corpus]  # four inputs of three stages name one folder: it is hashed once
+    assert prints["toy"] == {"train": real(corpus), "extra": real(corpus)}
+    assert stage.input_paths(config) == {"train": corpus, "extra": corpus}
 
 
 def test_a_method_that_is_off_takes_its_stage_out_of_the_graph(toys, tmp_path):
@@ -199,6 +223,14 @@ def _task_runs(flow_run_id):
     return {run.name: run for run in runs}
 
 
+def _artifacts(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
 def _overlap(a, b) -> bool:
     return a.start_time < b.end_time and b.start_time < a.end_time
 
@@ -213,6 +245,9 @@ def test_task_runs_form_the_graph_and_branches_overlap(toys, tmp_path):
     assert upstream == {"source": [], "left": ["source"], "right": ["source"], "join": ["left", "right"]}
     assert _overlap(runs["left"], runs["right"])
     assert not _overlap(runs["source"], runs["left"])
+    artifacts = _artifacts(summary["flow_run_id"])
+    assert {artifact.task_run_id: artifact.key for artifact in artifacts} == {
+        runs[name].id: f"dag-{name}" for name in ["source", "left", "right", "join"]}
 
     one_at_a_time = _flow(tmp_path, ["join"], ["run.max_parallel_stages=1", "shard.seq_len=99"])
     runs = _task_runs(one_at_a_time["flow_run_id"])
