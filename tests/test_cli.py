@@ -46,8 +46,9 @@ def test_bad_config_is_one_line_without_traceback(override, tmp_path):
     assert override.split("=")[0] in result.stderr
 
 
-def test_stage_out_of_order_is_a_clear_error(tmp_path):
-    result = _llmpipe("shard", "--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "run"))
+@pytest.mark.parametrize("command", [["shard"], ["run", "--only", "shard"]])
+def test_stage_out_of_order_is_a_clear_error(command, tmp_path):
+    result = _llmpipe(*command, "--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "has not completed" in result.stderr and "Traceback" not in result.stderr
 
