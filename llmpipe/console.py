@@ -113,7 +113,7 @@ def say(line: str) -> None:
 @contextlib.contextmanager
 def stage_output(path: Path) -> Iterator[IO[str]]:
     """Send this thread's output (and that of workers it forks) to the log at `path`, appended."""
-    _dispatch()  # also where no command installed it: flow runs that a deployment starts
+    install(_settings["verbose"])  # also where no command did: flow runs that a deployment starts
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = _stage_log()
     with open(path, "a", buffering=1, encoding="utf-8") as log:
