@@ -223,6 +223,7 @@ def input_fingerprints(stage: Stage, config: RunConfig, external: dict[str, str]
     """Input name -> fingerprint: an upstream stage's manifest fingerprint, or the hash of a config-given path
     (taken from `external` when the flow hashed it already)."""
     run_dir, external = RunDir(config.run_dir), external or {}
+    stage.input_paths(config)  # a required config path that is not set fails here, naming the key
     prints = {}
     for name, spec in stage.active_inputs(config).items():
         path = spec.external(config)

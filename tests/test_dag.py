@@ -92,6 +92,12 @@ def test_a_method_that_is_off_takes_its_stage_out_of_the_graph(toys, tmp_path):
         stages.plan_stages(off, ["tuned"])
 
 
+def test_an_input_only_the_config_can_give_must_be_set(tmp_path):
+    stage = Stage("toy", "toy_stages:source", ("tokenizer",), inputs={"data": Input(field="tokenizer.input")})
+    with pytest.raises(stages.StageError, match="needs tokenizer.input"):
+        stages.input_fingerprints(stage, _config(tmp_path))
+
+
 def test_a_cycle_is_reported(monkeypatch):
     monkeypatch.setattr(stages, "STAGES", {"a": Stage("a", "x:y", (), inputs={"b": Input("b")}),
                                            "b": Stage("b", "x:y", (), inputs={"a": Input("a")})})
