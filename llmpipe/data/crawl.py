@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from llmpipe import io
+from llmpipe import console, io
 from llmpipe.config import CrawlSection
 from llmpipe.supervise import supervised
 
@@ -276,7 +276,9 @@ def run_crawl(job: CrawlJob, timeout_s: float | None = None) -> dict:
     Path(job.warc_dir).mkdir(parents=True, exist_ok=True)
     job_path = job.write()
     before = {p.name for p in Path(job.state_dir).glob("session-*.json")}
-    with supervised(crawler_command(job_path), stdin=subprocess.DEVNULL) as proc:
+    log = console.subprocess_output()  # Scrapy's log goes to the stage's log, not the terminal
+    with supervised(crawler_command(job_path), stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT if log else None) as proc:
         rc = proc.wait(timeout=timeout_s)
     if rc != 0:
         raise RuntimeError(f"crawler subprocess failed with exit code {rc} (job {job_path})")

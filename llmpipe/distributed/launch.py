@@ -91,7 +91,7 @@ def run_workers(ctx: StageContext, config: RunConfig, nproc: int,
     files = LaunchFiles.of(ctx.out_dir)
     shutil.rmtree(files.root, ignore_errors=True)  # an earlier attempt's errors are not this one's
     io.write_json(files.job, {"stage": ctx.name, "config": config.model_dump(mode="json"),
-                              "out_dir": str(ctx.out_dir),
+                              "out_dir": str(ctx.out_dir), "inputs": {k: str(v) for k, v in ctx.inputs.items()},
                               "tracking": {"uri": ctx.tracker.uri, "run_id": ctx.tracker.run_id}})
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     with supervised(torchrun_command(files.job, nproc), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -124,7 +124,7 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
 
 def pretrain_stage(ctx: StageContext, model_cfg: ModelSection, cfg: PretrainSection) -> dict:
     """The registered stage: shards from the run's shard stage, outputs in ctx.out_dir."""
-    return run_pretrain(model_cfg, cfg, ctx.run_dir.shards_dir, ctx.out_dir, ctx.seed, ctx.tracker)
+    return run_pretrain(model_cfg, cfg, ctx.inputs["shards"], ctx.out_dir, ctx.seed, ctx.tracker)
 
 
 if __name__ == "__main__":
