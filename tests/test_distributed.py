@@ -40,6 +40,9 @@ TWO_PROCESSES = [
     {"name": "fsdp_to_tp", "strategy": "tp", "tp": 2, "micro_batch_size": 2, "steps": 8, "resume_from": "fsdp_save"},
     {"name": "fsdp_to_pp", "strategy": "pp", "pp": 2, "pp_schedule": "1f1b", "micro_batch_size": 2, "steps": 8,
      "resume_from": "fsdp_save"},
+    # ZeRO-1 saves each rank's partition of the optimizer state; one process resumes the union
+    {"name": "zero1_save", "strategy": "zero1", "micro_batch_size": 2, "steps": 8, "checkpoint_every": 4,
+     "stop_after": 4},
     # the pretrain stage as the launch worker runs it: FSDP, 2 micro-batches of 1 per rank and step
     {"name": "pretrain_fsdp", "kind": "pretrain", "strategy": "fsdp", "pretrain": {"micro_batch_size": 1}},
     {"name": "guard", "kind": "guard", "strategy": "ddp", "micro_batch_size": 4},
@@ -182,3 +185,10 @@ def test_accumulated_micro_batches_are_reduced_once_per_step(runs):
         assert all(a != b for a, b in zip(rank0, rank1)), name
     for name in ("zero2_accumulate", "fsdp_accumulate"):
         assert all(g is None for rank in probes[name] for g in rank), name
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_zero1_checkpoint_resumes_in_one_process(runs):
+    out, refs = runs
+    assert_resumes_in_one_process(out, "zero1_save", refs[(8, False)])

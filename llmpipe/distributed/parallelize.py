@@ -172,7 +172,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
     schedule_factory = None
     if pp_mesh is not None:
         def schedule_factory():
-            return build_schedule(model, cfg.parallel, pp_mesh.get_group(), pp_microbatches, device, loss_fn)[0]
+            return build_schedule(model, cfg.parallel, pp_mesh.get_group(), pp_microbatches, device, loss_fn)
 
         forward = None
     return ParallelModel(model_parts=[model], forward=forward, layout=layout, mesh=mesh, strategy=strategy,

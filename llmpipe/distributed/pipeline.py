@@ -28,6 +28,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 
 from llmpipe.config import ParallelConfig
+from llmpipe.errors import BadValue
 from llmpipe.model.model import Transformer
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -41,13 +42,13 @@ def check_pipeline(cfg: ParallelConfig, n_layers: int, microbatches: int) -> Non
     """Enough blocks for every stage, enough micro-batches for the schedule (one-line errors)."""
     n_stages = cfg.pp * stages_per_rank(cfg)
     if n_layers < n_stages:
-        raise ValueError(f"model.n_layers={n_layers} must be >= parallel.pp * stages per rank = {n_stages} "
+        raise BadValue(f"model.n_layers={n_layers} must be >= parallel.pp * stages per rank = {n_stages} "
                          f"with parallel.pp_schedule={cfg.pp_schedule} (one block or more per stage)")
     if cfg.pp_schedule == "1f1b" and microbatches < cfg.pp:
-        raise ValueError(f"parallel.pp_schedule=1f1b needs gradient accumulation steps (batch_tokens / (micro_batch_size "
+        raise BadValue(f"parallel.pp_schedule=1f1b needs gradient accumulation steps (batch_tokens / (micro_batch_size "
                          f"* seq_len)) = {microbatches} >= parallel.pp={cfg.pp} micro-batches per step")
     if cfg.pp_schedule == "interleaved_1f1b" and microbatches % cfg.pp:
-        raise ValueError(f"parallel.pp_schedule=interleaved_1f1b needs gradient accumulation steps (batch_tokens / "
+        raise BadValue(f"parallel.pp_schedule=interleaved_1f1b needs gradient accumulation steps (batch_tokens / "
                          f"(micro_batch_size * seq_len)) = {microbatches} to be a multiple of parallel.pp={cfg.pp}")
 
 
@@ -95,15 +96,15 @@ def rank_stages(pp_rank: int, cfg: ParallelConfig) -> list[int]:
 
 def build_schedule(model: Transformer, cfg: ParallelConfig, pp_group: dist.ProcessGroup, microbatches: int,
                    device: torch.device, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-                   ) -> tuple[PipelineScheduleSingle | PipelineScheduleMulti, list[PipelineStage]]:
-    """The schedule running this rank's stages of `model` (pruned by `prune_to_rank`, then
-    parallelized: stages are views of its modules as they are now, wrappers included).
+                   ) -> PipelineScheduleSingle | PipelineScheduleMulti:
+    """The schedule running this rank's stages of `model` (checked by `check_pipeline`, pruned by
+    `prune_to_rank`, then parallelized: stages are views of its modules as they are now, wrappers
+    included).
 
     `schedule.step(x, target=y, losses=losses)` takes the step's whole batch x, y (B, T) on every
     rank, splits it into `microbatches`, and appends each micro-batch's `loss_fn(logits, y)` to
     `losses` on the last stage's rank; gradients are divided by `microbatches`.
     """
-    check_pipeline(cfg, model.cfg.n_layers, microbatches)
     pp_rank = dist.get_rank(pp_group)
     n_stages = cfg.pp * stages_per_rank(cfg)
     layers = stage_layers(model.cfg.n_layers, n_stages)
@@ -111,4 +112,4 @@ def build_schedule(model: Transformer, cfg: ParallelConfig, pp_group: dist.Proce
                             group=pp_group) for s in rank_stages(pp_rank, cfg)]
     schedule_class = SCHEDULES[cfg.pp_schedule]
     runs = stages if issubclass(schedule_class, PipelineScheduleMulti) else stages[0]
-    return schedule_class(runs, n_microbatches=microbatches, loss_fn=loss_fn), stages
+    return schedule_class(runs, n_microbatches=microbatches, loss_fn=loss_fn)

@@ -33,6 +33,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from llmpipe.config import ModelSection
+from llmpipe.errors import BadValue
 
 
 def check_tp_degree(cfg: ModelSection, tp: int) -> None:
@@ -42,7 +43,7 @@ def check_tp_degree(cfg: ModelSection, tp: int) -> None:
              "vocab_size": cfg.vocab_size, "seq_len": cfg.seq_len}
     uneven = [f"model.{name}={value}" for name, value in sizes.items() if value % tp]
     if uneven:
-        raise ValueError(f"{', '.join(uneven)} must be divisible by parallel.tp={tp}")
+        raise BadValue(f"{', '.join(uneven)} must be divisible by parallel.tp={tp}")
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
