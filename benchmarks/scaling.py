@@ -9,7 +9,9 @@ Each case is the pretrain stage's function run by `llmpipe.distributed.launch.ru
 tokens/s is the trainer's own count (all ranks' tokens over the time inside training steps, so
 start-up, evaluation and the final save are left out: they are the overhead column); peak memory
 is the largest resident set of any rank.
-The launch gives each of N workers cpu_count / N threads, so 1 process uses every core too.
+The launch gives each of N workers cpu_count / N threads (unless OMP_NUM_THREADS is set), so 1
+process uses every core too; on a loaded machine threads that wait for each other suffer most:
+compare with `OMP_NUM_THREADS=1`.
 Strategies that cannot run at a process count (tp and pp need it to equal their degree, fsdp_tp
 needs >= 4) are skipped with the reason.
 """
@@ -30,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from llmpipe import config as configlib  # noqa: E402
 from llmpipe import stages  # noqa: E402
-from llmpipe.distributed.launch import LaunchFiles, run_workers  # noqa: E402
+from llmpipe.distributed.launch import LaunchFiles, run_workers, worker_env  # noqa: E402
 from llmpipe.errors import UserError  # noqa: E402
 from llmpipe.paths import RunDir  # noqa: E402
 
@@ -41,10 +43,11 @@ CORPUS_MODULES = ["argparse", "collections", "dataclasses", "functools", "iterto
 
 def layout(strategy: str, nproc: int, batch_sequences: int) -> list[str]:
     """The overrides that put the tiny model on `nproc` processes with `strategy`, the global batch
-    (`batch_sequences`, no accumulation) split between the data-parallel ranks."""
-    data_parallel = {"tp": 1, "pp": 1, "fsdp_tp": max(1, nproc // 2)}.get(strategy, nproc)
+    (`batch_sequences`) split between the data-parallel ranks, or into one micro-batch per stage
+    for the pipeline (its schedule needs at least that many)."""
+    splits = {"tp": 1, "fsdp_tp": max(1, nproc // 2)}.get(strategy, nproc)
     overrides = [f"pretrain.parallel.strategy={strategy}", f"pretrain.nproc={nproc}",
-                 f"pretrain.micro_batch_size={max(1, batch_sequences // data_parallel)}"]
+                 f"pretrain.micro_batch_size={max(1, batch_sequences // splits)}"]
     if strategy in ("tp", "pp", "fsdp_tp"):
         overrides.append("model.tie_embeddings=false")  # sharded or placed apart from the embedding
     if strategy == "tp":
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare_data(work)
         preset = configlib.load(ROOT / "configs/tiny.yaml", data, work / "run")
         batch_sequences = preset.pretrain.batch_tokens // preset.model.seq_len
-        print(f"{'strategy':<9} {'nproc':>5} {'tokens/s':>10} {'peak MB/rank':>12} {'vs 1 proc':>9} {'overhead s':>10}")
+        print(f"{'strategy':<9} {'nproc':>5} {'threads':>7} {'tokens/s':>10} {'peak MB/rank':>12} {'vs 1 proc':>9} "
+              f"{'overhead s':>10}")
         for strategy in strategies:
             single = None
             for nproc in counts:
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 single = row["tokens_per_s"] if nproc == 1 else single
                 ratio = f"{row['tokens_per_s'] / single:.2f}x" if single else "-"
-                print(f"{strategy:<9} {nproc:>5} {row['tokens_per_s']:>10,.0f} {row['peak_mem_mb']:>12,.0f} "
+                threads = worker_env(nproc)["OMP_NUM_THREADS"]
+                print(f"{strategy:<9} {nproc:>5} {threads:>7} {row['tokens_per_s']:>10,.0f} {row['peak_mem_mb']:>12,.0f} "
                       f"{ratio:>9} {row['startup_s']:>10.1f}", flush=True)
     return 0
 
