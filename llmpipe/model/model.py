@@ -38,19 +38,70 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_size: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for positions 0..length-1, each (length, hs): frequencies repeated in two halves."""
+    """cos and sin for positions 0..length-1, each (length, hs): frequencies repeated in two halves.
+
+    The first half of sin is negated, so that `apply_rope` rotates with one roll and no negation.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.int64, device=device).float() / head_size))
     positions = torch.arange(length, dtype=torch.int64, device=device).float()
     freqs = torch.outer(positions, inv_freq)  # (T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
-    return emb.cos(), emb.sin()
+    sign = torch.ones(head_size, device=device)
+    sign[: head_size // 2] = -1.0
+    return emb.cos(), emb.sin() * sign
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + hs/2) of x (B, n, T, hs) by the angles in cos/sin (T, hs)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate pairs (i, i + hs/2) of x (B, T, n, hs) by the angles in cos/sin (T, hs) from `rope_tables`.
+
+    x_i' = x_i cos - x_{i+hs/2} sin and x_{i+hs/2}' = x_{i+hs/2} cos + x_i sin: the roll brings each
+    partner into place and sin carries the minus sign. x is (B, T, n, hs), not (B, n, T, hs), so
+    every operand is contiguous (broadcasting over a transposed x is several times slower on CPU).
+    """
+    cos, sin = cos[:, None], sin[:, None]  # (T, 1, hs): the same angles for every head
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
+
+
+LOSS_CHUNK_ROWS = 512  # rows of logits per chunk in `LinearCrossEntropy`
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T against targets (-1 ignored), a chunk of rows at
+    a time, the gradients computed in the same pass.
+
+    The (N, V) logits and their gradient never exist whole: each chunk's logits (rows x V) stay in
+    cache while they become the loss and the gradient softmax - one-hot, which goes straight into
+    grad x and grad weight. The same three matmuls as `F.cross_entropy(F.linear(x, weight))`, a
+    fraction of its memory traffic. backward only scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows: int, grad_enabled: bool):
+        # x (N, C), weight (V, C), targets (N,)
+        n_valid = (targets != -1).sum()
+        loss = torch.zeros((), device=x.device)
+        grad_x = torch.empty_like(x) if grad_enabled else None
+        grad_weight = torch.zeros_like(weight) if grad_enabled else None
+        for start in range(0, x.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = (x[rows] @ weight.t()).float()  # (n, V)
+            valid = targets[rows] != -1
+            target = targets[rows].clamp(min=0)  # ignored rows pick class 0, then count for nothing
+            log_z = logits.logsumexp(-1)  # (n,)
+            loss += ((log_z - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            if grad_enabled:
+                grad = logits.sub_(log_z[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(grad.shape[0], device=x.device), target] -= 1.0
+                grad = (grad * (valid / n_valid)[:, None]).to(x.dtype)  # d(mean loss) / d logits
+                grad_x[rows] = grad @ weight
+                grad_weight += grad.t() @ x[rows]
+        ctx.save_for_backward(grad_x, grad_weight)
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_weight = ctx.saved_tensors
+        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None
 
 
 class KVCache:
@@ -90,10 +141,9 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         # head counts come from the tensors: under tensor parallelism a rank holds nh/tp and nkv/tp heads
-        q = self.wq(x).view(B, T, -1, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.wk(x).view(B, T, -1, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        q = apply_rope(self.wq(x).view(B, T, -1, self.head_size), cos, sin).transpose(1, 2)  # (B, nh, T, hs)
+        k = apply_rope(self.wk(x).view(B, T, -1, self.head_size), cos, sin).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.wv(x).view(B, T, -1, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = k.shape[1] != q.shape[1]
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, nh, T, hs)
@@ -204,10 +254,10 @@ class Transformer(nn.Module):
         if self.norm_f is None:
             return x
         x = self.norm_f(x)
-        logits = F.linear(x, self.output_weight())  # (B, T, V)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return F.linear(x, self.output_weight())  # (B, T, V)
+        return LinearCrossEntropy.apply(x.flatten(0, 1), self.output_weight(), targets.reshape(-1),
+                                        LOSS_CHUNK_ROWS, torch.is_grad_enabled())
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         w = self.tok_emb.weight
