@@ -32,9 +32,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        x = x.float()  # no copy when x is float32 already
+        # mean(x^2) from the 2-norm: one reduction kernel, and a two-kernel backward (pow + mean take five)
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]  # (B, T, 1)
+        return self.weight * (x * torch.rsqrt(mean_square + self.eps)).to(dtype)
 
 
 def rope_tables(head_size: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +60,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     every operand is contiguous (broadcasting over a transposed x is several times slower on CPU).
     """
     cos, sin = cos[:, None], sin[:, None]  # (T, 1, hs): the same angles for every head
-    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype)  # x cos + roll(x) sin
 
 
 LOSS_CHUNK_ROWS = 512  # rows of logits per chunk in `LinearCrossEntropy`
@@ -84,15 +85,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if grad_enabled else None
         for start in range(0, x.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = (x[rows] @ weight.t()).float()  # (n, V)
+            log_probs = F.log_softmax((x[rows] @ weight.t()).float(), dim=-1)  # (n, V)
             valid = targets[rows] != -1
-            target = targets[rows].clamp(min=0)  # ignored rows pick class 0, then count for nothing
-            log_z = logits.logsumexp(-1)  # (n,)
-            loss += ((log_z - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            target = targets[rows].clamp(min=0)[:, None]  # ignored rows pick class 0, then count for nothing
+            loss -= (log_probs.gather(1, target).squeeze(1) * valid).sum()
             if grad_enabled:
-                grad = logits.sub_(log_z[:, None]).exp_()  # softmax, in place of the logits
-                grad[torch.arange(grad.shape[0], device=x.device), target] -= 1.0
-                grad = (grad * (valid / n_valid)[:, None]).to(x.dtype)  # d(mean loss) / d logits
+                grad = log_probs.exp_()  # softmax, in place
+                grad.scatter_add_(1, target, grad.new_full(target.shape, -1.0))  # - one-hot
+                grad = grad.mul_((valid / n_valid)[:, None]).to(x.dtype)  # d(mean loss) / d logits
                 grad_x[rows] = grad @ weight
                 grad_weight += grad.t() @ x[rows]
         ctx.save_for_backward(grad_x, grad_weight)
