@@ -33,7 +33,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()  # no copy when x is float32 already
-        # mean(x^2) from the 2-norm: one reduction kernel, and a two-kernel backward (pow + mean take five)
+        # mean(x^2) from the 2-norm: one reduction kernel and a short backward, where pow + mean take more
         mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]  # (B, T, 1)
         return self.weight * (x * torch.rsqrt(mean_square + self.eps)).to(dtype)
 
@@ -53,13 +53,12 @@ def rope_tables(head_size: int, length: int, theta: float, device=None) -> tuple
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + hs/2) of x (B, T, n, hs) by the angles in cos/sin (T, hs) from `rope_tables`.
+    """Rotate pairs (i, i + hs/2) of x (B, n, T, hs) by the angles in cos/sin (T, hs) from `rope_tables`.
 
     x_i' = x_i cos - x_{i+hs/2} sin and x_{i+hs/2}' = x_{i+hs/2} cos + x_i sin: the roll brings each
-    partner into place and sin carries the minus sign. x is (B, T, n, hs), not (B, n, T, hs), so
-    every operand is contiguous (broadcasting over a transposed x is several times slower on CPU).
+    partner into place and sin carries the minus sign. Three kernels forward (mul, roll, addcmul)
+    and no slices, whose backward would zero-fill and copy.
     """
-    cos, sin = cos[:, None], sin[:, None]  # (T, 1, hs): the same angles for every head
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype)  # x cos + roll(x) sin
 
 
@@ -141,9 +140,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         # head counts come from the tensors: under tensor parallelism a rank holds nh/tp and nkv/tp heads
-        q = apply_rope(self.wq(x).view(B, T, -1, self.head_size), cos, sin).transpose(1, 2)  # (B, nh, T, hs)
-        k = apply_rope(self.wk(x).view(B, T, -1, self.head_size), cos, sin).transpose(1, 2)  # (B, nkv, T, hs)
+        q = self.wq(x).view(B, T, -1, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.wk(x).view(B, T, -1, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.wv(x).view(B, T, -1, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = k.shape[1] != q.shape[1]
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, nh, T, hs)
