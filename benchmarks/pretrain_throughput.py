@@ -223,7 +223,7 @@ def main(argv=None) -> int:
         return 1
     r = rows[0]
     print(f"{r['device']}, {r['dtype']}, {r['threads']} threads; tok/s from the median step (best step in brackets); "
-          f"MFU against a peak of {max(r['peak_tflops'] for r in rows) * 1e3:,.0f} GFLOP/s")
+          f"MFU against each case's own peak reading (up to {max(r['peak_tflops'] for r in rows) * 1e3:,.0f} GFLOP/s)")
     print(f"{'model':>9} {'arch':>5} {'mode':>8} {'params':>7} {'MFLOP/tok':>9} {'batch':>7} {'tok/s':>9} "
           f"{'(best)':>9} {'GFLOP/s':>8} {'MFU':>6} {'peak mem':>9} {'warm-up':>8}")
     for r in rows:
