@@ -33,6 +33,7 @@ bench: setup
 	$(PY) benchmarks/shard_throughput.py
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/pretrain_throughput.py
+	$(PY) benchmarks/scaling.py
 
 clean:
 	rm -rf runs .prefect .pytest_cache

@@ -114,8 +114,8 @@ def run_case(name: str, arch: str, mode: str, steps: int, warmup: int, device_na
              batch: int | None) -> dict:
     from llmpipe.config import PretrainSection
     from llmpipe.model import Transformer, flops_per_token
-    from llmpipe.training.loop import autocast, autocast_dtype, peak_flops, peak_memory_mb, resolve_device
     from llmpipe.training.optim import build_optimizer
+    from llmpipe.training.trainer import autocast, autocast_dtype, peak_flops, peak_memory_mb, resolve_device
 
     cfg = model_section(name)
     device = resolve_device(device_name)

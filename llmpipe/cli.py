@@ -1,13 +1,17 @@
 """The `llmpipe` command.
 
-    llmpipe run --config FILE [--set k=v]... [--run-dir DIR] [--until STAGE] [--force STAGE]...
+    llmpipe run --config FILE [--set k=v]... [--run-dir DIR] [--until STAGE,...] [--only STAGE] [--force STAGE]...
     llmpipe STAGE --config FILE [--run-dir DIR] [--set k=v]...     one stage, no Prefect
+    llmpipe pretrain --config FILE --nproc N                       a training stage on N processes (torchrun)
     llmpipe export --run-dir DIR --stage STAGE --out DIR
     llmpipe generate --run-dir DIR --stage STAGE --prompt TEXT [...]
-    llmpipe serve --config FILE --cron "0 3 * * *"
+    llmpipe serve --config FILE --cron "0 3 * * *"                 a schedule served by this process
+    llmpipe deploy --config FILE --pool NAME [--cron "0 3 * * *"]   a deployment run by a work pool's workers
+    llmpipe plan --config FILE --gpus N --gpu-mem GiB [--nodes K]   memory per GPU of each parallel layout
 
-Only `run` and `serve` reach the orchestration layer (`flows/`), imported lazily: the library
-itself never imports Prefect. Errors that are the user's to fix print one line and exit 2.
+Only `run`, `serve` and `deploy` reach the orchestration layer (`flows/`), imported lazily: the
+library itself never imports Prefect. Errors that are the user's to fix print one line and exit 2;
+a failed stage prints one line (its traceback is in its log) and exits 1.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import sys
 from pathlib import Path
 
 from llmpipe import config as configlib
-from llmpipe.errors import UserError
-from llmpipe.stages import stage_names
+from llmpipe import console
+from llmpipe.errors import BadValue, UserError
+from llmpipe.stages import STAGES, StagesFailed, plan_stages, stage_names
 
 EXIT_USER_ERROR = 2
+EXIT_STAGE_FAILED = 1
 
 
 def _add_config_args(parser: argparse.ArgumentParser, run_dir_required: bool = False) -> None:
@@ -32,19 +38,50 @@ def _add_config_args(parser: argparse.ArgumentParser, run_dir_required: bool = F
                         help="run directory (default: runs/<run.name>)")
 
 
+def _training_section(stage: str) -> str | None:
+    """The stage's training section (a TrainSection: nproc, parallel), if it is a training stage."""
+    fields = configlib.RunConfig.model_fields
+    return next((s for s in STAGES[stage].sections if issubclass(fields[s].annotation, configlib.TrainSection)), None)
+
+
+def _stage_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in stage_names()]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown stage {', '.join(unknown) or repr(text)}; "
+                                         f"stages: {', '.join(stage_names())}")
+    return names
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show everything stages print and log (default: a line per stage; the rest is in "
+                             "runs/<name>/logs/<stage>.log)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmpipe", description="From raw web pages to a trained language model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the pipeline as a Prefect flow (tracked, cached, resumable)")
     _add_config_args(run)
-    run.add_argument("--until", choices=stage_names(), help="stop after this stage")
+    run.add_argument("--until", type=_stage_list, metavar="STAGE[,STAGE...]",
+                     help="run these stages and what they need, nothing else (e.g. dpo,ppo)")
+    run.add_argument("--only", choices=stage_names(), metavar="STAGE",
+                     help="run this stage alone in the flow, its inputs taken from the run directory")
     run.add_argument("--force", action="append", default=[], choices=stage_names(), metavar="STAGE",
                      help="rerun this stage even if its cache is valid; repeatable")
+    _add_verbose(run)
 
     for name in stage_names():
         stage = commands.add_parser(name, help=f"run the {name} stage alone, without Prefect")
         _add_config_args(stage)
+        section = _training_section(name)
+        if section:
+            stage.add_argument("--nproc", type=int, metavar="N",
+                               help=f"processes on this node (torchrun workers when > 1); as --set {section}.nproc=N")
+            stage.set_defaults(training_section=section)
+        _add_verbose(stage)
 
     export = commands.add_parser("export", help="write a Hugging Face folder from a training stage")
     export.add_argument("--run-dir", type=Path, required=True)
@@ -65,11 +102,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(serve)
     serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
     serve.add_argument("--name", help="deployment name (default: run.name)")
+    serve.add_argument("--until", type=_stage_list, metavar="STAGE[,STAGE...]", help="each run stops after these")
+
+    deploy = commands.add_parser("deploy", help="register a deployment on a work pool (needs a Prefect server)")
+    _add_config_args(deploy)
+    deploy.add_argument("--pool", required=True, help="work pool name; its workers run the flow")
+    deploy.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *" (default: runs only when triggered)')
+    deploy.add_argument("--name", help="deployment name (default: run.name)")
+    deploy.add_argument("--until", type=_stage_list, metavar="STAGE[,STAGE...]", help="each run stops after these")
+
+    plan = commands.add_parser("plan", help="memory per GPU of each parallel layout for pretraining, and which fit")
+    plan.add_argument("--config", required=True, type=Path, help="YAML config, e.g. configs/llama-7b.yaml")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override a config value (parsed as YAML); repeatable")
+    plan.add_argument("--gpus", required=True, type=int, help="GPUs per node")
+    plan.add_argument("--gpu-mem", required=True, type=float, metavar="GiB", help="memory of one GPU in GiB")
+    plan.add_argument("--nodes", type=int, help="nodes (default: pretrain.nnodes)")
     return parser
 
 
 def load_config(args: argparse.Namespace) -> configlib.RunConfig:
-    return configlib.load(args.config, args.overrides, args.run_dir)
+    overrides = list(args.overrides)
+    if getattr(args, "nproc", None) is not None:
+        overrides.append(f"{args.training_section}.nproc={args.nproc}")
+    return configlib.load(args.config, overrides, args.run_dir)
 
 
 def set_orchestration_defaults() -> None:
@@ -82,14 +138,26 @@ def set_orchestration_defaults() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 
 
+def quiet_library_consoles(verbose: bool) -> None:
+    """Prefect's own log lines go to its API (the UI shows them), MLflow's info lines nowhere; on
+    the terminal only with --verbose. Set before either is imported: both read these at import."""
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
 def _run(args: argparse.Namespace) -> int:
-    config = load_config(args)  # fail on a bad config before Prefect starts
+    config = load_config(args)  # fail on a bad config, or an unknown or disabled stage, before Prefect starts
+    plan_stages(config, args.until, args.only)
     set_orchestration_defaults()
+    quiet_library_consoles(args.verbose)
+    console.install(args.verbose)
     from flows.pipeline import pipeline
 
+    console.route_logging()  # importing Prefect configured logging
     summary = pipeline(config_path=str(args.config), overrides=list(args.overrides),
                        run_dir=str(args.run_dir) if args.run_dir else None,
-                       until=args.until, force=list(args.force))
+                       until=args.until, only=args.only, force=list(args.force))
     _print_summary(config, summary)
     return 0
 
@@ -97,11 +165,8 @@ def _run(args: argparse.Namespace) -> int:
 def _print_summary(config: configlib.RunConfig, summary: dict) -> None:
     from llmpipe.tracking import tracking_uri
 
-    width = max(len(name) for name in summary["stages"])
-    for name, status in summary["stages"].items():
-        print(f"  {name:<{width}}  {status}")
     uri = tracking_uri(config.run_dir.parent)
-    print(f"\nrun directory: {config.run_dir}")
+    print(f"\nrun directory: {config.run_dir}   (logs: {config.run_dir / 'logs'})")
     print(f"MLflow run:    {summary['mlflow_run_id']} in {uri}")
     print(f"  UI:          mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
     print(f"Prefect run:   {summary['flow_run_id']}")
@@ -117,17 +182,19 @@ def _run_stage(args: argparse.Namespace) -> int:
     from llmpipe import stages, tracking
 
     config = load_config(args)
+    quiet_library_consoles(args.verbose)
+    console.install(args.verbose)
     uri = tracking.tracking_uri(config.run_dir.parent)
     experiment = tracking.init_store(uri, config.run_dir.parent)
     tracker = tracking.MlflowTracker(uri, experiment, run_name=args.command,
                                      tags={"llmpipe.stage": args.command, "llmpipe.run": config.run.name})
     try:
-        manifest = stages.execute(args.command, config, tracker)
+        stages.execute(args.command, config, tracker)
     except BaseException:
         tracker.close("FAILED")
         raise
     tracker.close()
-    print(f"{args.command}: done in {manifest['wall_time_s']:.1f}s -> {config.run_dir / args.command}")
+    print(f"outputs: {config.run_dir / args.command}")
     return 0
 
 
@@ -146,25 +213,58 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deployment_parameters(args: argparse.Namespace, config: configlib.RunConfig) -> dict:
+    """The flow's parameters for every run of a deployment: absolute paths, as runs start elsewhere."""
+    plan_stages(config, args.until)  # an unknown or disabled stage fails now, not at 3 a.m.
+    return {"config_path": str(args.config.resolve()), "overrides": list(args.overrides),
+            "run_dir": str(args.run_dir.resolve()) if args.run_dir else None, "until": args.until}
+
+
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args)
     set_orchestration_defaults()
     from flows.pipeline import serve
 
-    serve(config_path=str(args.config.resolve()), overrides=list(args.overrides),
-          run_dir=str(args.run_dir.resolve()) if args.run_dir else None,
-          name=args.name or config.run.name, cron=args.cron)
+    serve(_deployment_parameters(args, config), name=args.name or config.run.name, cron=args.cron)
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    set_orchestration_defaults()
+    from flows.pipeline import deploy
+
+    deployment_id = deploy(_deployment_parameters(args, config), name=args.name or config.run.name,
+                           pool=args.pool, cron=args.cron)
+    print(f"deployment llmpipe/{args.name or config.run.name} ({deployment_id}) on work pool {args.pool!r}; "
+          f"start a worker: prefect worker start --pool {args.pool}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from llmpipe.distributed.plan import Cluster, format_plan, make_plan
+
+    config = configlib.load(args.config, args.overrides)
+    nodes = args.nodes if args.nodes is not None else config.pretrain.nnodes
+    if args.gpus < 1 or nodes < 1 or args.gpu_mem <= 0:
+        raise BadValue(f"--gpus {args.gpus}, --nodes {nodes}, --gpu-mem {args.gpu_mem}: each must be positive")
+    cluster = Cluster(gpus_per_node=args.gpus, gpu_mem_gib=args.gpu_mem, nodes=nodes)
+    print(format_plan(config, cluster, make_plan(config, cluster)))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": _run, "export": _export, "generate": _generate, "serve": _serve}.get(args.command, _run_stage)
+    handler = {"run": _run, "export": _export, "generate": _generate, "serve": _serve,
+               "deploy": _deploy, "plan": _plan}.get(args.command, _run_stage)
     try:
         return handler(args)
     except UserError as err:
         print(f"llmpipe {args.command}: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except StagesFailed as err:
+        print(f"llmpipe {args.command}: {err}", file=sys.stderr)
+        return EXIT_STAGE_FAILED
     except KeyboardInterrupt:
         print(f"llmpipe {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -49,6 +49,7 @@ class RunSection(Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # runs/<name>/
     seed: int = Field(1337, ge=0)  # every random choice in every stage derives from it
     run_dir: Path | None = None  # default: runs/<name>
+    max_parallel_stages: int = Field(2, ge=1)  # stages of independent branches run at once (threads); 2 suits 2 cores
 
 
 class CrawlSection(Section):
@@ -320,6 +321,22 @@ class PretrainSection(TrainSection):
     """Next-token pretraining on the shards. Owned by llmpipe/training."""
 
 
+ALIGN_METHODS = ("dpo", "ppo")  # post-training methods built on sft
+
+
+class AlignSection(Section):
+    """Which post-training stages are in the graph: sft always; reward and ppo with ppo; dpo with dpo."""
+
+    methods: list[Literal[ALIGN_METHODS]] = list(ALIGN_METHODS)  # e.g. [dpo]; [] stops after sft
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a method is listed twice")
+        return value
+
+
 class RunConfig(Section):
     run: RunSection = RunSection()
     crawl: CrawlSection = CrawlSection()
@@ -328,6 +345,7 @@ class RunConfig(Section):
     shard: ShardSection = ShardSection()
     model: ModelSection = ModelSection()
     pretrain: PretrainSection = PretrainSection()
+    align: AlignSection = AlignSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

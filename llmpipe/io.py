@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -50,7 +51,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; on success fsync it and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # stages run in threads too
     try:
         yield tmp
         if tmp.is_file():

@@ -8,6 +8,7 @@
       shard/{train,val}_NNNNN.arrow  shard: token ids, Arrow IPC stream
       pretrain/checkpoints/step_NNNNNNN/  pretrain: model, optimizer, loader and RNG state
       <stage>/manifest.json       written last: the stage's completion marker
+      logs/<stage>.log            everything a stage printed or logged (the console shows a summary)
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class RunDir:
         return self.stage("crawl") / "warc"
 
     @property
+    def wet_dir(self) -> Path:
+        return self.stage("crawl") / "wet"
+
+    @property
     def documents_dir(self) -> Path:
         return self.stage("prepare") / "documents"
 
@@ -53,6 +58,10 @@ class RunDir:
 
     def checkpoints_dir(self, phase: str) -> Path:
         return self.stage(phase) / "checkpoints"
+
+    def stage_log(self, stage: str) -> Path:
+        """Outside the stage folder: a log holds wall-clock times, and a rerun appends to it."""
+        return self.root / "logs" / f"{stage}.log"
 
     def prefect_results(self, stage: str) -> Path:
         """Prefect's persisted task results live inside the stage folder: delete the folder, lose the cache."""

@@ -8,25 +8,27 @@ hash the outputs and write `manifest.json` last, atomically.
 
 from __future__ import annotations
 
+import graphlib
 import hashlib
 import importlib
-import importlib.util
 import json
-import os
 import platform
 import shutil
-import signal
 import subprocess
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from llmpipe import io
-from llmpipe.config import RunConfig, dump
+from llmpipe import code_version as code_versions
+from llmpipe import console, io
+from llmpipe.config import RunConfig, TrainSection, dump
 from llmpipe.errors import UserError
+from llmpipe.faults import fault_point
 from llmpipe.paths import MANIFEST, RunDir
 from llmpipe.tracking import NullTracker, Tracker
 
@@ -35,25 +37,65 @@ class StageError(UserError):
     """A stage cannot run: a missing input, or an input that fails verification."""
 
 
+class StagesFailed(Exception):
+    """Stages of a flow run failed; the others ran to the end. Each failure is in its stage's log."""
+
+    def __init__(self, names: list[str], run_dir: Path):
+        logs = ", ".join(str(RunDir(run_dir).stage_log(name)) for name in names)
+        super().__init__(f"stage{'s' if len(names) > 1 else ''} {', '.join(names)} failed (log: {logs})")
+
+
+@dataclass(frozen=True)
+class Input:
+    """One named input of a stage: an upstream stage's output, or a path the config gives instead."""
+
+    stage: str | None = None  # the stage that writes it; None: only the config can give it
+    output: str | None = None  # the RunDir property naming that output; None: the stage's whole folder
+    field: str | None = None  # "section.key" of a config path that, when set, replaces the upstream output
+
+    def external(self, config: RunConfig) -> Path | None:
+        if self.field is None:
+            return None
+        section, key = self.field.split(".")
+        return getattr(config.section(section), key)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     target: str  # "module:function", imported only when the stage runs
     sections: tuple[str, ...]  # the config sections the function receives, in order
-    upstream: tuple[str, ...] = ()  # stages whose outputs it reads
-    input_field: str | None = None  # when this field of the first section is set, it replaces upstream[-1]
+    inputs: dict[str, Input] = field(default_factory=dict)  # what it reads, as ctx.inputs[name]
+    methods: tuple[str, ...] = ()  # align.methods that put it in the graph; empty: always in it
     resumable: bool = False  # keep partial outputs of an interrupted run with the same cache key
-    code: tuple[str, ...] = ()  # extra modules/packages whose source is part of the code version
+    code: tuple[str, ...] = ()  # modules it starts by name (`python -m`), which no import reaches
+    summary: tuple[str, ...] = ()  # the counts the console shows when it ends
 
-    def dependencies(self, config: RunConfig) -> tuple[str, ...]:
-        if self.input_field and getattr(config.section(self.sections[0]), self.input_field) is not None:
-            return self.upstream[:-1]
-        return self.upstream
+    def enabled(self, config: RunConfig) -> bool:
+        return not self.methods or any(method in config.align.methods for method in self.methods)
 
-    def external_input(self, config: RunConfig) -> Path | None:
-        if self.input_field is None:
-            return None
-        return getattr(config.section(self.sections[0]), self.input_field)
+    def active_inputs(self, config: RunConfig) -> dict[str, Input]:
+        """The inputs it reads under `config`: an input from a stage that is off is left out."""
+        return {name: spec for name, spec in self.inputs.items()
+                if spec.stage is None or spec.external(config) is not None or STAGES[spec.stage].enabled(config)}
+
+    def dependencies(self, config: RunConfig | None = None) -> tuple[str, ...]:
+        """The stages it reads from; with no config, every stage it may read from."""
+        specs = self.inputs.values() if config is None else self.active_inputs(config).values()
+        names = [spec.stage for spec in specs if spec.stage and (config is None or spec.external(config) is None)]
+        return tuple(dict.fromkeys(names))
+
+    def input_paths(self, config: RunConfig) -> dict[str, Path]:
+        run_dir, paths = RunDir(config.run_dir), {}
+        for name, spec in self.active_inputs(config).items():
+            external = spec.external(config)
+            if external is not None:
+                paths[name] = Path(external)
+            elif spec.stage is None:
+                raise StageError(f"stage {self.name!r} needs {spec.field} (a path) in the config")
+            else:
+                paths[name] = getattr(run_dir, spec.output) if spec.output else run_dir.stage(spec.stage)
+        return paths
 
     def function(self) -> Callable[..., dict]:
         module, _, attr = self.target.partition(":")
@@ -63,40 +105,80 @@ class Stage:
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in [
-        Stage("crawl", "llmpipe.data.crawl:crawl_stage", ("crawl",), resumable=True),
-        Stage("prepare", "llmpipe.data.prepare:prepare_stage", ("prepare",), upstream=("crawl",), resumable=True),
+        Stage("crawl", "llmpipe.data.crawl:crawl_stage", ("crawl",), resumable=True,
+              code=("llmpipe.data._crawl_scrapy",), summary=("pages_fetched", "html_bytes")),
+        Stage("prepare", "llmpipe.data.prepare:prepare_stage", ("prepare",),
+              inputs={"warc": Input("crawl", "warc_dir"), "wet": Input("crawl", "wet_dir")}, resumable=True,
+              summary=("pages_in", "documents", "text_bytes")),
         Stage("tokenizer", "llmpipe.tokenizer.train:tokenizer_stage", ("tokenizer",),
-              upstream=("prepare",), input_field="input", code=("llmpipe.data.documents",)),
+              inputs={"documents": Input("prepare", "documents_dir", field="tokenizer.input")},
+              summary=("documents", "vocab_size")),
         Stage("shard", "llmpipe.data.shard:shard_stage", ("shard",),
-              upstream=("tokenizer", "prepare"), input_field="input",
-              code=("llmpipe.data.documents", "llmpipe.data.shards", "llmpipe.tokenizer")),
+              inputs={"tokenizer": Input("tokenizer", "tokenizer_dir"),
+                      "documents": Input("prepare", "documents_dir", field="shard.input")},
+              summary=("train_tokens", "val_tokens", "train_shards")),
         Stage("pretrain", "llmpipe.training.pretrain:pretrain_stage", ("model", "pretrain"),
-              upstream=("tokenizer", "shard"), resumable=True,
-              code=("llmpipe.model", "llmpipe.training", "llmpipe.data.shards")),
+              inputs={"tokenizer": Input("tokenizer", "tokenizer_dir"), "shards": Input("shard", "shards_dir")},
+              resumable=True, summary=("steps", "train_loss", "val_loss", "tokens_per_s")),
     ]
 }
-STAGE_ORDER = ["crawl", "prepare", "tokenizer", "shard", "pretrain", "sft", "reward", "ppo", "dpo", "eval"]
 
 
-def stage_names() -> list[str]:
-    """The stages that exist, in pipeline order."""
-    return [name for name in STAGE_ORDER if name in STAGES]
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise StageError(f"unknown stage {name!r}; stages: {', '.join(stage_names())}")
+    return STAGES[name]
 
 
-def plan_stages(config: RunConfig, until: str | None = None) -> list[str]:
-    """The stages to run for `until` (default: the last one), each after its dependencies."""
-    names = stage_names()
-    target = until or names[-1]
-    if target not in STAGES:
-        raise StageError(f"unknown stage {target!r}; stages: {', '.join(names)}")
+def _topological(graph: dict[str, tuple[str, ...]]) -> list[str]:
+    """`graph`'s nodes, each after its dependencies; ties in registry order, so the order is stable."""
+    sorter = graphlib.TopologicalSorter(graph)
+    try:
+        sorter.prepare()
+    except graphlib.CycleError as err:
+        raise StageError(f"the stages form a cycle: {' -> '.join(err.args[1])}") from None
+    rank = {name: i for i, name in enumerate(STAGES)}
+    order: list[str] = []
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=rank.__getitem__)
+        order += ready
+        sorter.done(*ready)
+    return order
+
+
+def stage_graph(config: RunConfig | None = None) -> dict[str, tuple[str, ...]]:
+    """Stage -> the stages it reads from: every registered stage, or those `config` turns on."""
+    return {name: stage.dependencies(config) for name, stage in STAGES.items()
+            if config is None or stage.enabled(config)}
+
+
+def stage_names(config: RunConfig | None = None) -> list[str]:
+    """The stages in dependency order (all registered ones, or those `config` turns on)."""
+    return _topological(stage_graph(config))
+
+
+def plan_stages(config: RunConfig, until: str | list[str] | None = None, only: str | None = None) -> list[str]:
+    """The stages to run, each after its dependencies: `only` alone, or everything `until` needs
+    (default: every stage the config turns on)."""
+    graph = stage_graph(config)
+    targets = [only] if only else [until] if isinstance(until, str) else list(until or graph)
+    for name in targets:
+        get_stage(name)
+        if name not in graph:
+            raise StageError(f"stage {name!r} is off: align.methods={config.align.methods} "
+                             f"does not include {' or '.join(STAGES[name].methods)}")
+    if only:
+        for dependency in graph[only]:  # its inputs must be in the run directory already
+            read_manifest(RunDir(config.run_dir), dependency)
+        return [only]
     needed: set[str] = set()
-    todo = [target]
+    todo = list(targets)
     while todo:
         name = todo.pop()
         if name not in needed:
             needed.add(name)
-            todo.extend(STAGES[name].dependencies(config))
-    return [name for name in names if name in needed]
+            todo.extend(graph[name])
+    return [name for name in _topological(graph) if name in needed]
 
 
 # --- fingerprints and cache keys ---------------------------------------------------------------
@@ -106,23 +188,9 @@ def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
-def _source_files(module: str) -> list[Path]:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise StageError(f"cannot locate module {module}")
-    origin = Path(spec.origin)
-    if spec.submodule_search_locations:  # a package: all its sources
-        return sorted(origin.parent.rglob("*.py"))
-    return [origin]
-
-
-def code_version(stage: Stage) -> str:
-    """sha256 of the stage's source files: editing the code reruns the stage."""
-    digest = hashlib.sha256()
-    modules = [stage.target.partition(":")[0], *stage.code]
-    for path in sorted({p for m in modules for p in _source_files(m)}):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+def code_version(stage: Stage, root: Path | None = None) -> str:
+    """sha256 of the llmpipe modules the stage's code imports: editing them reruns the stage."""
+    return code_versions.code_version([stage.target.partition(":")[0], *stage.code], root)
 
 
 def config_hash(stage: Stage, config: RunConfig) -> str:
@@ -143,12 +211,25 @@ def read_manifest(run_dir: RunDir, stage: str) -> dict:
     return json.loads(path.read_text())
 
 
-def input_fingerprints(stage: Stage, config: RunConfig) -> dict[str, str]:
-    run_dir = RunDir(config.run_dir)
-    prints = {name: read_manifest(run_dir, name)["fingerprint"] for name in stage.dependencies(config)}
-    external = stage.external_input(config)
-    if external is not None:
-        prints[str(external)] = directory_fingerprint(external)
+def external_fingerprints(config: RunConfig, names: list[str]) -> dict[str, str]:
+    """{path: fingerprint} of the config-given inputs of these stages, each hashed once however many read it."""
+    paths = {str(spec.external(config)) for name in names for spec in STAGES[name].active_inputs(config).values()
+             if spec.external(config) is not None}
+    return {path: directory_fingerprint(Path(path)) for path in sorted(paths)}
+
+
+def input_fingerprints(stage: Stage, config: RunConfig, external: dict[str, str] | None = None) -> dict[str, str]:
+    """Input name -> fingerprint: an upstream stage's manifest fingerprint, or the hash of a config-given path
+    (taken from `external` when the flow hashed it already)."""
+    run_dir, external = RunDir(config.run_dir), external or {}
+    stage.input_paths(config)  # a required config path that is not set fails here, naming the key
+    prints = {}
+    for name, spec in stage.active_inputs(config).items():
+        path = spec.external(config)
+        if path is None:
+            prints[name] = read_manifest(run_dir, spec.stage)["fingerprint"]
+        else:
+            prints[name] = external.get(str(path)) or directory_fingerprint(path)
     return prints
 
 
@@ -176,7 +257,13 @@ class StageContext:
     run_dir: RunDir
     out_dir: Path  # the stage's folder; it is empty unless a resumable run left state here
     seed: int
+    inputs: dict[str, Path] = field(default_factory=dict)  # input name -> the folder (or file) to read
     tracker: Tracker = field(default_factory=NullTracker)
+
+
+# MLflow creates a dataset row on first use without a lock: two branches reading the same
+# upstream output at once would both try to insert it.
+_LOG_INPUTS = threading.Lock()
 
 
 def _prepare_out_dir(stage: Stage, out_dir: Path, key: str) -> None:
@@ -238,13 +325,48 @@ def _git_commit() -> str | None:
         return None
 
 
-def execute(name: str, config: RunConfig, tracker: Tracker | None = None) -> dict:
-    """Run one stage to completion and return its manifest."""
-    if name not in STAGES:
-        raise StageError(f"unknown stage {name!r}; stages: {', '.join(stage_names())}")
-    stage, run_dir, tracker = STAGES[name], RunDir(config.run_dir), tracker or NullTracker()
-    inputs, code = input_fingerprints(stage, config), code_version(stage)
+def _call_stage_function(stage: Stage, ctx: StageContext, sections: list, config: RunConfig) -> dict:
+    """Run the stage's function in this process, or in `nproc` torchrun workers for a training stage."""
+    nproc = max((s.nproc for s in sections if isinstance(s, TrainSection)), default=1)
+    if nproc == 1:
+        return stage.function()(ctx, *sections)
+    from llmpipe.distributed.launch import run_workers  # only here: the package may import torch
+
+    return run_workers(ctx, config, nproc)
+
+
+def execute(name: str, config: RunConfig, tracker: Tracker | None = None,
+            external: dict[str, str] | None = None) -> dict:
+    """Run one stage to completion and return its manifest. Its output goes to its log file; the
+    terminal gets a line when it starts and one when it ends. `external`: fingerprints of
+    config-given inputs that the caller hashed already (`external_fingerprints`)."""
+    stage, run_dir, tracker = get_stage(name), RunDir(config.run_dir), tracker or NullTracker()
+    log_path = run_dir.stage_log(name)
+    console.stage_line(name, "started")
+    t0 = time.perf_counter()
+    try:
+        with console.stage_output(log_path) as log:
+            try:
+                manifest = _execute(stage, config, run_dir, tracker, external)
+            except BaseException:
+                traceback.print_exc(file=log)  # the terminal gets one line; the log gets the whole story
+                raise
+    except BaseException as err:
+        console.stage_line(name, "failed", time.perf_counter() - t0, f"{type(err).__name__}: {err} (log: {log_path})")
+        raise
+    finally:
+        if log_path.is_file():
+            tracker.log_artifact(log_path)
+    console.stage_line(name, "ran", manifest["wall_time_s"], console.format_counts(manifest["counts"], stage.summary))
+    return manifest
+
+
+def _execute(stage: Stage, config: RunConfig, run_dir: RunDir, tracker: Tracker,
+             external: dict[str, str] | None) -> dict:
+    name = stage.name
+    inputs, code = input_fingerprints(stage, config, external), code_version(stage)
     key = cache_key(stage, config, inputs, code)
+    paths = stage.input_paths(config)
     out_dir = run_dir.stage(name)
     _prepare_out_dir(stage, out_dir, key)
     run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -253,11 +375,15 @@ def execute(name: str, config: RunConfig, tracker: Tracker | None = None) -> dic
     sections = [config.section(s) for s in stage.sections]
     tracker.log_params({f"{s}.{k}": v for s, sec in zip(stage.sections, sections)
                         for k, v in _flatten(sec.model_dump(mode="json")).items()})
-    tracker.log_inputs({dep: (str(run_dir.manifest(dep)) if dep in STAGES else dep, fp) for dep, fp in inputs.items()})
+    sources = {input_name: paths[input_name] if spec.external(config) is not None else run_dir.manifest(spec.stage)
+               for input_name, spec in stage.active_inputs(config).items()}
+    with _LOG_INPUTS:
+        tracker.log_inputs({input_name: (str(sources[input_name]), fp) for input_name, fp in inputs.items()})
 
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
-    ctx = StageContext(name=name, run_dir=run_dir, out_dir=out_dir, seed=config.run.seed, tracker=tracker)
-    result = stage.function()(ctx, *sections) or {}
+    ctx = StageContext(name=name, run_dir=run_dir, out_dir=out_dir, seed=config.run.seed, inputs=paths,
+                       tracker=tracker)
+    result = _call_stage_function(stage, ctx, sections, config) or {}
     wall = time.perf_counter() - t0
 
     fault_point(name, "before_manifest")
@@ -286,12 +412,6 @@ def execute(name: str, config: RunConfig, tracker: Tracker | None = None) -> dic
     return manifest
 
 
-def fault_point(stage: str, point: str) -> None:
-    """Fault injection for tests: `LLMPIPE_FAULT=stage:point` kills the process here, like a crash would."""
-    if os.environ.get("LLMPIPE_FAULT") == f"{stage}:{point}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def verify_outputs(run_dir: RunDir, stage: str, names: list[str] | None = None) -> dict:
     """Re-hash a completed stage's files against its manifest; raise naming the first bad file."""
     manifest = read_manifest(run_dir, stage)
@@ -312,3 +432,4 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+

@@ -17,6 +17,7 @@ EXPERIMENT = "llmpipe"
 
 
 class Tracker(Protocol):
+    uri: str | None  # where the run lives, for processes that attach to it
     run_id: str | None
 
     def log_params(self, params: dict[str, Any]) -> None: ...
@@ -28,6 +29,7 @@ class Tracker(Protocol):
 
 
 class NullTracker:
+    uri = None
     run_id = None
 
     def log_params(self, params): pass
@@ -70,11 +72,27 @@ class MlflowTracker:
                  tags: dict[str, str] | None = None, flush_every_s: float = 5.0):
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(uri)
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        client = MlflowClient(uri)
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        self._open(uri, client, run_id, owns_run=True, flush_every_s=flush_every_s)
+
+    @classmethod
+    def attach(cls, uri: str, run_id: str, flush_every_s: float = 5.0) -> "MlflowTracker":
+        """Log to a run someone else created and will end: rank 0 of a torchrun job logs to its
+        stage's run. `close` flushes but leaves the run's status to its owner."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        client.get_run(run_id)  # an unknown id fails here, not at the first metric
+        tracker = cls.__new__(cls)
+        tracker._open(uri, client, run_id, owns_run=False, flush_every_s=flush_every_s)
+        return tracker
+
+    def _open(self, uri: str, client, run_id: str, owns_run: bool, flush_every_s: float) -> None:
+        self.uri, self.client, self.run_id, self.owns_run = uri, client, run_id, owns_run
         self._pending: list = []
         self._flush_every_s = flush_every_s
         self._last_flush = time.monotonic()
@@ -125,4 +143,5 @@ class MlflowTracker:
 
     def close(self, status="FINISHED"):
         self.flush()
-        self.client.set_terminated(self.run_id, status=status)
+        if self.owns_run:
+            self.client.set_terminated(self.run_id, status=status)

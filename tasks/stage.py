@@ -1,18 +1,24 @@
 """One Prefect task runs any stage; the stage's cache key decides whether it runs at all.
 
 The key is the stage's config hash + its inputs' fingerprints + its code version
-(`llmpipe.stages.cache_key`), so a rerun with nothing changed is served from the persisted
-result under `<run_dir>/<stage>/.prefect/`, and a stage that crashed or was killed has no
-result there and runs again. Prefect's default cache policy includes the flow run id and would
+(`llmpipe.stages.cache_key`). Prefect computes it in the task's own thread once the upstream
+tasks have finished, since it reads their manifests. A rerun with nothing changed is served from
+the persisted result under `<run_dir>/<stage>/.prefect/`; a stage that crashed or was killed has
+no result there and runs again. Prefect's default cache policy includes the flow run id and would
 never resume; this one does not.
 """
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.context import get_run_context
+import re
 
-from llmpipe import stages
+from prefect import task
+from prefect.artifacts import TableArtifact
+from prefect.context import get_run_context
+from prefect.futures import PrefectFuture
+from prefect.transactions import get_transaction
+
+from llmpipe import console, stages
 from llmpipe.config import RunConfig
 from llmpipe.paths import RunDir
 from llmpipe.tracking import MlflowTracker
@@ -21,46 +27,66 @@ RETRIES = {"crawl": 2}  # network stages retry; deterministic ones fail fast
 
 
 def _cache_key(context, parameters) -> str:
-    return parameters["cache_key"]
+    """The stage's key. A persisted result whose outputs are no longer on disk (the stage was since
+    rerun alone with another config, or killed while resuming) is dropped, so the stage runs."""
+    name, config = parameters["name"], parameters["config"]
+    stage = stages.get_stage(name)
+    key = stages.cache_key(stage, config, stages.input_fingerprints(stage, config, parameters["external"]))
+    if not stages.is_current(name, config, key):
+        (RunDir(config.run_dir).prefect_results(name) / key).unlink(missing_ok=True)  # Prefect's file for that key
+    return key
 
 
 @task(cache_key_fn=_cache_key, persist_result=True, task_run_name="{name}")
-def stage_task(name: str, config: RunConfig, cache_key: str, tracking: dict) -> dict:
+def stage_task(name: str, config: RunConfig, external: dict[str, str], tracking: dict) -> dict:
     """Run one stage inside its own MLflow child run; return what downstream and the cache need."""
-    task_run = get_run_context().task_run
+    task_run, key = get_run_context().task_run, get_transaction().key
     tracker = MlflowTracker(tracking["uri"], tracking["experiment_id"], run_name=name,
                             parent_run_id=tracking["parent_run_id"],
-                            tags={"llmpipe.stage": name, "llmpipe.cache_key": cache_key, "llmpipe.cached": "false",
+                            tags={"llmpipe.stage": name, "llmpipe.cache_key": key, "llmpipe.cached": "false",
                                   "prefect.flow_run_id": str(task_run.flow_run_id),
                                   "prefect.task_run_id": str(task_run.id)})
     try:
-        manifest = stages.execute(name, config, tracker)
+        manifest = stages.execute(name, config, tracker, external)
     except BaseException:
         tracker.close("FAILED")
         raise
     tracker.set_tags({"llmpipe.fingerprint": manifest["fingerprint"], "llmpipe.code_version": manifest["code_version"]})
     tracker.close()
-    return {"stage": name, "fingerprint": manifest["fingerprint"], "cache_key": cache_key,
-            "mlflow_run_id": tracker.run_id, "counts": manifest["counts"]}
+    return {"stage": name, "fingerprint": manifest["fingerprint"], "cache_key": key,
+            "mlflow_run_id": tracker.run_id, "counts": manifest["counts"], "wall_time_s": manifest["wall_time_s"]}
 
 
-def run_stage(name: str, config: RunConfig, tracking: dict, force: bool = False) -> str:
-    """Call the stage task with its cache key; record a cache hit in MLflow. Returns 'ran' or 'cached'."""
-    key = stages.cache_key(stages.STAGES[name], config)
-    refresh = force or not stages.is_current(name, config, key)  # outputs on disk must match the cache
-    state = stage_task.with_options(
-        result_storage=RunDir(config.run_dir).prefect_results(name),
-        refresh_cache=refresh,
-        retries=RETRIES.get(name, 0),
-    )(name, config, key, tracking, return_state=True)
-    result = state.result()  # raises if the stage failed
-    if state.name != "Cached":
-        return "ran"
-    cached = MlflowTracker(tracking["uri"], tracking["experiment_id"], run_name=f"{name} (cached)",
-                           parent_run_id=tracking["parent_run_id"],
-                           tags={"llmpipe.stage": name, "llmpipe.cache_key": key, "llmpipe.cached": "true",
-                                 "llmpipe.fingerprint": result["fingerprint"],
-                                 "llmpipe.source_run_id": result["mlflow_run_id"],
-                                 "prefect.flow_run_id": str(get_run_context().flow_run.id)})
-    cached.close()
-    return "cached"
+def stage_options(name: str, config: RunConfig, force: bool):
+    """The stage task as this stage runs it: its results inside its folder, its retries, forced or not."""
+    return stage_task.with_options(result_storage=RunDir(config.run_dir).prefect_results(name),
+                                   refresh_cache=True if force else None, retries=RETRIES.get(name, 0))
+
+
+def report(name: str, future: PrefectFuture, config: RunConfig, tracking: dict) -> str:
+    """After a stage task ended: its counts as a Prefect artifact, a cache hit as an MLflow run and a
+    terminal line (a stage that ran printed its own). Returns 'ran', 'cached', 'failed' or 'not run'."""
+    future.wait()  # sets the future's final state (the API's copy may lag behind)
+    state = future.state
+    if state.is_failed() or state.is_crashed():
+        return "failed"
+    if not state.is_completed():  # an upstream stage failed
+        console.stage_line(name, "not run: an upstream stage failed")
+        return "not run"
+    result = state.result()
+    cached = state.name == "Cached"
+    if cached:
+        console.stage_line(name, "cached", details=console.format_counts(result["counts"], stages.get_stage(name).summary))
+        MlflowTracker(tracking["uri"], tracking["experiment_id"], run_name=f"{name} (cached)",
+                      parent_run_id=tracking["parent_run_id"],
+                      tags={"llmpipe.stage": name, "llmpipe.cache_key": result["cache_key"], "llmpipe.cached": "true",
+                            "llmpipe.fingerprint": result["fingerprint"],
+                            "llmpipe.source_run_id": result["mlflow_run_id"],
+                            "prefect.flow_run_id": str(get_run_context().flow_run.id)}).close()
+    # the Prefect UI's account of this flow run: every stage's counts, cached or not
+    TableArtifact(key=re.sub(r"[^a-z0-9-]+", "-", f"{config.run.name}-{name}".lower()),
+                  table=[{"count": k, "value": v} for k, v in result["counts"].items()],
+                  description=f"**{name}** {'cached' if cached else 'ran'} in {result['wall_time_s']:.1f}s "
+                              f"(cache key {result['cache_key'][:12]})",
+                  task_run_id=future.task_run_id, flow_run_id=get_run_context().flow_run.id).create()
+    return "cached" if cached else "ran"

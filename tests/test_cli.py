@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from llmpipe.cli import build_parser
-from llmpipe.stages import STAGE_ORDER, stage_names
+from llmpipe.stages import stage_graph, stage_names
 
 
 def _llmpipe(*args, cwd=None):
@@ -14,16 +14,27 @@ def _llmpipe(*args, cwd=None):
 
 
 def test_stage_names_keep_their_order():
-    assert STAGE_ORDER == ["crawl", "prepare", "tokenizer", "shard", "pretrain", "sft", "reward", "ppo", "dpo", "eval"]
-    assert stage_names() == [s for s in STAGE_ORDER if s in stage_names()]
-    assert stage_names()[:4] == ["crawl", "prepare", "tokenizer", "shard"]
+    # the order comes from the graph: every stage after the stages it reads from
+    names = stage_names()
+    assert names[:5] == ["crawl", "prepare", "tokenizer", "shard", "pretrain"]
+    for name, dependencies in stage_graph().items():
+        assert all(names.index(dep) < names.index(name) for dep in dependencies), name
 
 
 def test_commands():
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert {"run", "export", "generate", "serve", *stage_names()} == set(commands)
+    assert {"run", "export", "generate", "serve", "deploy", "plan", *stage_names()} == set(commands)
     run_options = {opt for action in commands["run"]._actions for opt in action.option_strings}
-    assert {"--config", "--set", "--run-dir", "--until", "--force"} <= run_options
+    assert {"--config", "--set", "--run-dir", "--until", "--only", "--force", "--verbose"} <= run_options
+    deploy_options = {opt for action in commands["deploy"]._actions for opt in action.option_strings}
+    assert {"--config", "--pool", "--cron", "--name"} <= deploy_options
+
+
+def test_until_takes_several_stages():
+    args = build_parser().parse_args(["run", "--config", "c.yaml", "--until", "tokenizer,shard"])
+    assert args.until == ["tokenizer", "shard"]
+    result = _llmpipe("run", "--config", "configs/tiny.yaml", "--until", "shard,nope")
+    assert result.returncode == 2 and "unknown stage nope" in result.stderr
 
 
 @pytest.mark.parametrize("override", ["tokenizer.vocab_size=-5", "tokenizer.bogus=1", "tokenizer.input=/missing"])
@@ -35,8 +46,9 @@ def test_bad_config_is_one_line_without_traceback(override, tmp_path):
     assert override.split("=")[0] in result.stderr
 
 
-def test_stage_out_of_order_is_a_clear_error(tmp_path):
-    result = _llmpipe("shard", "--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "run"))
+@pytest.mark.parametrize("command", [["shard"], ["run", "--only", "shard"]])
+def test_stage_out_of_order_is_a_clear_error(command, tmp_path):
+    result = _llmpipe(*command, "--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "has not completed" in result.stderr and "Traceback" not in result.stderr
 
@@ -50,7 +62,7 @@ def test_serve_without_server_says_how(tmp_path):
     assert "prefect server start" in env_free.stderr
 
 
-@pytest.mark.parametrize("command", ["run", "export", "generate", "serve", "tokenizer"])
+@pytest.mark.parametrize("command", ["run", "export", "generate", "serve", "deploy", "tokenizer"])
 def test_help(command):
     result = _llmpipe(command, "--help")
     assert result.returncode == 0 and "usage: llmpipe" in result.stdout

@@ -33,7 +33,7 @@ def test_override_is_parsed_as_yaml(tmp_path):
     ("tokenizer.vocab_sz=5", "config error: tokenizer.vocab_sz: unknown key; allowed keys: input, "),
     ("prepare.executor=spark", "config error: prepare.executor=\"spark\": Input should be 'local', 'slurm' or 'ray'"),
     ("tokenizer.input=/no/such/folder", "config error: tokenizer.input=\"/no/such/folder\": path does not exist"),
-    ("nosuchsection.key=1", "config error: nosuchsection: unknown key; allowed keys: crawl, "),
+    ("nosuchsection.key=1", "config error: nosuchsection: unknown key; allowed keys: align, crawl, "),
 ])
 def test_bad_values_name_field_value_and_allowed(override, expected):
     with pytest.raises(ConfigError) as err:

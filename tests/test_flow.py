@@ -57,7 +57,7 @@ def test_first_run_executes_and_tracks_every_stage(run_dir, base_overrides):
     tokenizer_fp = json.loads((run_dir / "tokenizer" / "manifest.json").read_text())["fingerprint"]
     assert inputs["tokenizer"] == tokenizer_fp[:36]
     artifacts = MlflowClient(tracking_uri(run_dir.parent)).list_artifacts(shard.info.run_id)
-    assert "manifest.json" in [a.path for a in artifacts]
+    assert {"manifest.json", "shard.log"} <= {a.path for a in artifacts}
 
 
 def test_second_run_skips_every_stage(run_dir, base_overrides):

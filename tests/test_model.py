@@ -103,10 +103,8 @@ def test_config_rejects_inconsistent_heads():
         ModelSection(**{**TINY, "n_kv_heads": 3})
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_a_tiny_model_overfits_one_batch(checkpointing):
+def test_a_tiny_model_overfits_one_batch():
     model = tiny_model().train()
-    model.activation_checkpointing = checkpointing
     x = torch.randint(0, 300, (4, 32))
     y = torch.roll(x, -1, dims=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

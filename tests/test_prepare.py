@@ -222,12 +222,18 @@ def _site_pages() -> list[tuple[str, bytes]]:
     return pages
 
 
+def _ctx(run_dir: RunDir) -> SimpleNamespace:
+    """What the executor gives prepare: its folder and its inputs, the crawl stage's WARC and WET folders."""
+    return SimpleNamespace(run_dir=run_dir, out_dir=run_dir.stage("prepare"), seed=0,
+                           inputs={"warc": run_dir.warc_dir, "wet": run_dir.wet_dir})
+
+
 @pytest.mark.parametrize("output_format", ["jsonl", "parquet"])
 def test_prepare_stage_on_a_warc(tmp_path, output_format):
     run_dir = RunDir(tmp_path / "run")
     write_warc(run_dir.warc_dir / "part-00000.warc.gz", _site_pages())
     cfg = PrepareSection(tasks=2, workers=2, output_format=output_format)
-    ctx = SimpleNamespace(run_dir=run_dir, out_dir=run_dir.stage("prepare"), seed=0)
+    ctx = _ctx(run_dir)
     counts = prepare_stage(ctx, cfg)
 
     funnel = counts["kept_after"]
@@ -263,7 +269,7 @@ def test_prepare_on_the_ray_executor(tmp_path):
     write_warc(run_dir.warc_dir / "part-00000.warc.gz", _site_pages())
     cfg = PrepareSection.model_validate({"executor": "ray", "tasks": 2, "workers": 2,
                                          "minhash": {"num_buckets": 4, "hashes_per_bucket": 4}})
-    ctx = SimpleNamespace(run_dir=run_dir, out_dir=run_dir.stage("prepare"), seed=0)
+    ctx = _ctx(run_dir)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         counts = prepare_stage(ctx, cfg)
@@ -289,7 +295,7 @@ def test_prepare_reads_wet_files_from_warc_inputs(tmp_path):
     assert ingest_warc_inputs([str(source)], run_dir.stage("crawl")) == {"wet_files": 1,
                                                                            "input_bytes": source.stat().st_size}
     cfg = PrepareSection(tasks=2, workers=2)
-    counts = prepare_stage(SimpleNamespace(run_dir=run_dir, out_dir=run_dir.stage("prepare"), seed=0), cfg)
+    counts = prepare_stage(_ctx(run_dir), cfg)
     assert "pages_in" not in counts  # no trafilatura step
     assert counts["filters"]["language"]["in"] == 6
     assert counts["filters"]["language"]["dropped"] == 1
@@ -316,7 +322,7 @@ def test_slurm_executor_submits_a_dependent_chain(tmp_path, monkeypatch):
     run_dir = RunDir(tmp_path / "run")
     write_warc(run_dir.warc_dir / "part-00000.warc.gz", _site_pages())
     cfg = PrepareSection.model_validate({"executor": "slurm", "slurm": {"partition": "cpu", "time": "01:00:00"}})
-    prepare_stage(SimpleNamespace(run_dir=run_dir, out_dir=run_dir.stage("prepare"), seed=0), cfg)
+    prepare_stage(_ctx(run_dir), cfg)
 
     jobs = [(contents, args) for contents, args in launches if "launch_pickled_pipeline" in contents]
     assert len(jobs) == 8  # extract+filter, 3 exact dedup, 3 MinHash, write

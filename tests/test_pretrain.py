@@ -12,9 +12,9 @@ from llmpipe import stages
 from llmpipe.config import ModelSection, PretrainSection
 from llmpipe.data.loader import TokenLoader
 from llmpipe.training import checkpoint
-from llmpipe.training.loop import TrainingDiverged
 from llmpipe.training.optim import build_optimizer, lr_at
 from llmpipe.training.pretrain import run_pretrain, unigram_entropy
+from llmpipe.training.trainer import TrainingDiverged
 
 
 def streams(n=3, length=1000):
@@ -57,6 +57,22 @@ def test_ranks_split_the_global_batch():
     ranks = [TokenLoader(streams(), 16, 2, seed=5, rank=r, world_size=3) for r in range(3)]
     for _ in range(5):
         assert torch.equal(whole.next_batch()[0], torch.cat([r.next_batch()[0] for r in ranks]))
+
+
+def test_loader_resumes_on_another_world_size():
+    """The position is global: 1 rank x 4 windows, saved, continues as 2 ranks x 2 and 4 ranks x 1."""
+    whole = TokenLoader(streams(), 16, 4, seed=3)
+    for _ in range(10):
+        whole.next_batch()
+    state = json.loads(json.dumps(whole.state_dict()))
+    for world, per_rank in ((2, 2), (4, 1)):
+        ranks = [TokenLoader(streams(), 16, per_rank, seed=3, rank=r, world_size=world) for r in range(world)]
+        for r in ranks:
+            r.load_state_dict(state)
+        reference = TokenLoader(streams(), 16, 4, seed=3)
+        reference.load_state_dict(state)
+        for _ in range(60):  # across the epoch boundary
+            assert torch.equal(reference.next_batch()[0], torch.cat([r.next_batch()[0] for r in ranks]))
 
 
 def test_lr_warms_up_linearly_then_decays_to_the_floor():
@@ -112,7 +128,7 @@ def test_latest_checkpoint_skips_partial_and_corrupt_folders(tmp_path):
     (root / "step_0000009").mkdir()  # a writer killed before files.json: never "latest"
     (root / "step_0000009" / "model.safetensors").write_bytes(b"partial")
     assert checkpoint.latest(root).name == "step_0000008"
-    with open(root / "step_0000008" / "optimizer.pt", "r+b") as f:  # a flipped byte
+    with open(root / "step_0000008" / "__0_0.distcp", "r+b") as f:  # a flipped byte
         f.seek(100)
         byte = f.read(1)
         f.seek(100)
@@ -122,21 +138,21 @@ def test_latest_checkpoint_skips_partial_and_corrupt_folders(tmp_path):
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     shards = write_shards(tmp_path / "shard")
-    real, calls = torch.nn.utils.clip_grad_norm_, []
+    real, calls = torch.nn.utils.get_total_norm, []
 
-    def clip(params, max_norm):
+    def total_norm(grads, *args, **kwargs):
         calls.append(1)
-        norm = real(params, max_norm)
+        norm = real(grads, *args, **kwargs)
         return torch.tensor(float("nan")) if len(calls) == 7 else norm
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", total_norm)
     with pytest.raises(TrainingDiverged, match=r"step 7: .* not finite.*step_0000004"):
         run_pretrain(ModelSection(**MODEL), PretrainSection(**PRETRAIN), shards, tmp_path / "a", seed=7)
     assert checkpoint.latest(tmp_path / "a" / "checkpoints").name == "step_0000004"
 
 
 def test_spike_guard(tmp_path):
-    from llmpipe.training.loop import LoopState, _guard
+    from llmpipe.training.trainer import LoopState, _guard
 
     cfg = PretrainSection(spike_factor=2.0, spike_warmup=10)
     _guard(5, 100.0, 1.0, LoopState(loss_ema=3.0), cfg, None)  # not armed yet
@@ -161,7 +177,7 @@ def test_pretrain_stage_writes_release_weights_and_resumes_when_complete(tmp_pat
     assert counts["steps"] == 8 and counts["tokens"] == 1024
     assert counts["val_loss"] < counts["unigram_entropy"] + 1.5  # learning has started (8 steps only)
     assert {"model.safetensors", "model_config.json", "train_config.json"} <= set(manifest["files"])
-    assert "checkpoints/step_0000008/model.safetensors" in manifest["files"]
+    assert "checkpoints/step_0000008/__0_0.distcp" in manifest["files"]  # DCP: model and optimizer
     again = stages.execute("pretrain", config)  # same key: the final checkpoint is found, nothing retrains
     assert again["counts"]["resumed_from_step"] == 8
     assert again["files"]["model.safetensors"] == manifest["files"]["model.safetensors"]

@@ -17,7 +17,7 @@ CALLS = []
 def echo_stage(ctx, cfg):
     """A stand-in stage: copies its input folder's files and counts them."""
     CALLS.append(ctx.name)
-    src = cfg.input
+    src = ctx.inputs["documents"]
     for path in sorted(src.iterdir()):
         (ctx.out_dir / path.name).write_bytes(path.read_bytes())
     (ctx.out_dir / ".scratch").write_text("bookkeeping, not an output")
@@ -26,8 +26,8 @@ def echo_stage(ctx, cfg):
 
 @pytest.fixture
 def echo(monkeypatch):
-    stage = stages.Stage("tokenizer", f"{__name__}:echo_stage", ("tokenizer",), upstream=("prepare",),
-                         input_field="input")
+    stage = stages.Stage("tokenizer", f"{__name__}:echo_stage", ("tokenizer",),
+                         inputs={"documents": stages.Input("prepare", "documents_dir", field="tokenizer.input")})
     monkeypatch.setitem(stages.STAGES, "tokenizer", stage)
     CALLS.clear()
     return stage
@@ -56,7 +56,7 @@ def test_manifest_lists_outputs_counts_and_lineage(tmp_path, src, echo):
     assert manifest["counts"] == {"files": 2, "filters.a.dropped": 2}
     assert manifest["details"] == {"names": ["x"]}
     assert manifest["config"]["tokenizer"]["vocab_size"] == 10000
-    assert manifest["inputs"] == {str(src): stages.directory_fingerprint(src)}
+    assert manifest["inputs"] == {"documents": stages.directory_fingerprint(src)}
     assert manifest["cache_key"] == stages.cache_key(echo, config)
     assert manifest["packages"]["torch"]
     assert (config.run_dir / "config.yaml").is_file()

@@ -21,7 +21,6 @@ crawl reuses the port in crawl/.state/pydoc_port, since the URLs in the WARC car
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import posixpath
@@ -36,8 +35,9 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from llmpipe import io
+from llmpipe import console, io
 from llmpipe.config import CrawlSection
+from llmpipe.supervise import supervised
 
 DEPTH_HEADER = "LLMPipe-Crawl-Depth"  # WARC extension header on response records: link hops from a seed
 REDIRECTS_HEADER = "LLMPipe-Redirected-From"  # space-separated URLs that redirected to this page
@@ -265,36 +265,21 @@ def crawler_command(job_path: Path) -> list[str]:
     return [sys.executable, "-m", "llmpipe.data._crawl_scrapy", str(job_path)]
 
 
-def _die_with_parent() -> None:
-    """Linux: the crawler gets SIGTERM (a graceful Scrapy stop) if the stage process dies, so a
-    killed stage never leaves a crawler writing to the WARC behind a restarted one."""
-    with contextlib.suppress(Exception):
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def run_crawl(job: CrawlJob, timeout_s: float | None = None) -> dict:
     """Run (or resume) the crawl in a subprocess; return that session's summary.
 
-    The child is terminated (SIGTERM: Scrapy stops gracefully) if this process is interrupted.
+    The child is terminated (SIGTERM: Scrapy stops gracefully) if this process is interrupted, and
+    gets SIGTERM from the kernel if this process dies, so a killed stage never leaves a crawler
+    writing to the WARC behind a restarted one.
     """
     Path(job.state_dir).mkdir(parents=True, exist_ok=True)
     Path(job.warc_dir).mkdir(parents=True, exist_ok=True)
     job_path = job.write()
     before = {p.name for p in Path(job.state_dir).glob("session-*.json")}
-    proc = subprocess.Popen(crawler_command(job_path), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-    try:
+    log = console.subprocess_output()  # Scrapy's log goes to the stage's log, not the terminal
+    with supervised(crawler_command(job_path), stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT if log else None) as proc:
         rc = proc.wait(timeout=timeout_s)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
     if rc != 0:
         raise RuntimeError(f"crawler subprocess failed with exit code {rc} (job {job_path})")
     new = sorted(p for p in Path(job.state_dir).glob("session-*.json") if p.name not in before)

@@ -8,8 +8,10 @@ index at a time: no index array is ever built, so with the memory-mapped token s
 loader's RAM stays flat whatever the dataset size, and every batch mixes all shards.
 
 Every rank walks the same global order; a global micro-batch is the next `batch_size * world_size`
-windows, and rank r takes the r-th slice of them. The position in that walk (epoch, index) is
-the whole state (`state_dict`), so resuming is exact.
+windows, and rank r takes the r-th slice of them. The position in that walk (epoch, index:
+windows consumed by all ranks together) is the whole state (`state_dict`), so resuming is exact,
+also on another number of ranks or another micro-batch size: an optimizer step of the same
+global batch reads the same windows whatever the split.
 
 Takes rank and world size as numbers: no `torch.distributed` here.
 """
@@ -98,12 +100,18 @@ class TokenLoader:
         while True:
             yield self.next_batch()
 
+    def rewind(self) -> None:
+        """Back to the first window of the first epoch (validation reads the same windows each time)."""
+        self.epoch, self.position = 0, 0
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size,
-                "seq_len": self.seq_len, "batch_size": self.batch_size, "total_windows": self.total_windows}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
+                "total_windows": self.total_windows}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "seq_len", "batch_size", "total_windows"):
+        """Continue where `state` left off; the position is global, so rank count and micro-batch
+        size may differ from the saving loader's (the order of windows may not)."""
+        for key in ("seed", "seq_len", "total_windows"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has {getattr(self, key)}")
         self.epoch, self.position = state["epoch"], state["position"]

@@ -25,6 +25,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import os
 import signal
 import threading
 import time
@@ -96,18 +97,28 @@ def _warm_up() -> None:
     load_word_tokenizer("en").word_tokenize("Warm up the tokenizer.")
 
 
+_forking = threading.local()  # .default_sigterm: forks from this thread reset SIGTERM in the child
+
+
+def _reset_sigterm_in_child() -> None:
+    if getattr(_forking, "default_sigterm", False):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_reset_sigterm_in_child)
+
+
 @contextlib.contextmanager
 def _default_sigterm():
     """Forked workers must die on SIGTERM: the pool stops them with it at shutdown. A host that
-    turns SIGTERM into an exception (Prefect's task engine does) would otherwise hang the pool."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    turns SIGTERM into an exception (Prefect's engine does) would otherwise hang the pool. The
+    reset happens in each child right after the fork, so it works from any thread (Prefect runs
+    stages in worker threads, where `signal.signal` is not allowed) and leaves the parent alone."""
+    _forking.default_sigterm = True
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _forking.default_sigterm = False
 
 
 class Runner:
@@ -299,8 +310,7 @@ def count_documents(folder: Path) -> tuple[int, int, int]:
 
 
 def prepare_stage(ctx, cfg: PrepareSection) -> dict:
-    crawl_dir = ctx.run_dir.stage("crawl")
-    warc_dir, wet_dir = ctx.run_dir.warc_dir, crawl_dir / "wet"
+    warc_dir, wet_dir = ctx.inputs["warc"], ctx.inputs["wet"]
     work_dir = Path(ctx.out_dir) / ".datatrove" / work_hash(cfg, [warc_dir, wet_dir])
     documents_dir = ctx.run_dir.documents_dir
     counts = run_prepare(cfg, warc_dir, wet_dir, documents_dir, work_dir)

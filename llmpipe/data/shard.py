@@ -189,8 +189,8 @@ def write_shards(texts: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path
 
 def shard_stage(ctx, cfg: ShardSection) -> dict:
     """Shard the documents with the tokenizer stage's tokenizer into `ctx.out_dir`."""
-    source = cfg.input if cfg.input is not None else ctx.run_dir.documents_dir
-    tokenizer = load_tokenizer(ctx.run_dir.tokenizer_dir)
+    source = ctx.inputs["documents"]
+    tokenizer = load_tokenizer(ctx.inputs["tokenizer"])
     counts = DocumentCounts()
     t0 = time.perf_counter()
     result = write_shards(read_documents(source, counts), tokenizer, ctx.out_dir, seq_len=cfg.seq_len,

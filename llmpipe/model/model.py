@@ -17,7 +17,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from llmpipe.config import ModelSection
 
@@ -203,7 +202,6 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(cfg.seq_len, self.head_size), persistent=False)  # (seq_len, hs)
         self.register_buffer("rope_sin", torch.empty(cfg.seq_len, self.head_size), persistent=False)
-        self.activation_checkpointing = False  # recompute each block in backward (set by the trainer)
         self.init_weights()
 
     @torch.no_grad()
@@ -245,24 +243,32 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
         x = self.tok_emb(idx) if self.tok_emb is not None else idx  # (B, T, C)
         for block in self.trf_blocks.values():
-            if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
         if self.norm_f is None:
             return x
         x = self.norm_f(x)
-        if targets is None:
-            return F.linear(x, self.output_weight())  # (B, T, V)
-        return LinearCrossEntropy.apply(x.flatten(0, 1), self.output_weight(), targets.reshape(-1),
-                                        LOSS_CHUNK_ROWS, torch.is_grad_enabled())
+        if targets is not None and self.lm_head is None:
+            # a tied head takes the chunked loss, which never builds the (B*T, V) logits; tensor
+            # parallelism, which needs the lm_head module below, is never used with a tied head
+            return LinearCrossEntropy.apply(x.flatten(0, 1), self.tok_emb.weight, targets.reshape(-1),
+                                            LOSS_CHUNK_ROWS, torch.is_grad_enabled())
+        # a module call, not F.linear on its weight: tensor parallelism hooks into lm_head's forward
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.output_weight())  # (B, T, V)
+        return logits if targets is None else next_token_loss(logits, targets)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         w = self.tok_emb.weight
         return KVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads or self.cfg.n_heads,
                        max_len or self.cfg.seq_len, self.head_size, device=w.device, dtype=w.dtype)
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, T, V) against targets (B, T), ignoring targets equal to -1.
+
+    Also the loss function of a pipeline's last stage, which gets logits rather than targets."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
 # --- sizes, computed from the config alone -----------------------------------------------------

@@ -30,10 +30,15 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def save_release(model: Transformer, folder: Path) -> None:
+    write_release(model.state_dict(), model.cfg, folder)
+
+
+def write_release(state: dict[str, torch.Tensor], cfg: ModelSection, folder: Path) -> None:
+    """A whole single-device state dict (e.g. gathered from shards) as float32 release weights."""
     folder = Path(folder)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     write_safetensors(tensors, folder / WEIGHTS)
-    io.write_json(folder / CONFIG, model.cfg.model_dump(mode="json"))
+    io.write_json(folder / CONFIG, cfg.model_dump(mode="json"))
 
 
 def load_config(folder: Path) -> ModelSection:

@@ -124,7 +124,7 @@ def _budgeted(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 
 def tokenizer_stage(ctx, cfg: TokenizerSection) -> dict:
     """Train on the documents (up to `cfg.max_chars` characters) and save into `ctx.out_dir`."""
-    source = cfg.input if cfg.input is not None else ctx.run_dir.documents_dir
+    source = ctx.inputs["documents"]
     counts = DocumentCounts()
     t0 = time.perf_counter()
     tokenizer = train_tokenizer(_budgeted(read_documents(source, counts), cfg.max_chars),

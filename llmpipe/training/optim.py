@@ -6,20 +6,26 @@ import math
 
 import torch
 
-from llmpipe.config import PretrainSection
+from llmpipe.config import TrainSection
 
 
-def build_optimizer(model: torch.nn.Module, cfg: PretrainSection, fused: bool = False) -> torch.optim.AdamW:
+def param_groups(model: torch.nn.Module, cfg: TrainSection) -> list[dict]:
     """Weight decay on 2-D parameters (linear weights, embeddings); none on norm weights."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = {"fused": True} if fused else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(step: int, cfg: PretrainSection) -> float:
+def adamw_defaults(cfg: TrainSection, fused: bool = False) -> dict:
+    return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, **({"fused": True} if fused else {})}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainSection, fused: bool = False) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg), **adamw_defaults(cfg, fused))
+
+
+def lr_at(step: int, cfg: TrainSection) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to a floor."""
     warmup = min(cfg.warmup_steps, cfg.max_steps)
     floor = cfg.lr * cfg.min_lr_ratio

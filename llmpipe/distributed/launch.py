@@ -1,0 +1,140 @@
+"""The launch boundary: a training stage with `nproc > 1` runs as `torchrun` workers.
+
+The stage process (the parent, under Prefect or the CLI) stays where it is: it has prepared the
+stage folder and opened the stage's MLflow run, and it writes the manifest afterwards. In
+between it hands the work to `torchrun --standalone --nproc-per-node N -m llmpipe.distributed.worker`:
+
+  * everything a worker needs is in `<stage>/.launch/job.json` (the stage name, the resolved
+    config, the stage folder, the MLflow tracking URI and run id), never a pickled context;
+  * torchrun's output is streamed line by line to `on_line` (stdout by default, so it lands in
+    whatever log the stage's output goes to);
+  * torchrun runs in a process group of its own that gets SIGTERM when the parent dies or is
+    interrupted (`llmpipe.supervise`), and torchrun passes that on to its workers;
+  * a failed job raises `WorkerFailed` with one line: the first worker error, by time;
+  * rank 0 writes the stage function's result to `.launch/result-rank0.json`, which becomes
+    the stage's counts.
+
+Dot-named files are bookkeeping: the manifest leaves them out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from llmpipe import io
+from llmpipe.config import RunConfig
+from llmpipe.errors import UserError
+from llmpipe.stages import StageContext
+from llmpipe.supervise import supervised
+
+LAUNCH_DIR = ".launch"
+WORKER_MODULE = "llmpipe.distributed.worker"
+TAIL_LINES = 200  # output kept to explain a failure that left no error record
+# one failed worker in torchrun's summary of a failed job: "rank      : 1 (local_rank: 1)\n  exitcode  : -9 ..."
+_WORKER_EXIT = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: \d+\)\n\s*exitcode\s*:\s*(-?\d+)", re.MULTILINE)
+
+
+class WorkerFailed(UserError):
+    """A torchrun worker failed; the message names its rank and its error in one line."""
+
+
+@dataclass(frozen=True)
+class LaunchFiles:
+    """The files parent and workers exchange, in `<stage>/.launch/`."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, out_dir: Path) -> "LaunchFiles":
+        return cls(Path(out_dir) / LAUNCH_DIR)
+
+    @property
+    def job(self) -> Path:
+        return self.root / "job.json"
+
+    def result(self, rank: int) -> Path:
+        return self.root / f"result-rank{rank}.json"
+
+    def error(self, rank: int) -> Path:
+        return self.root / f"error-rank{rank}.json"
+
+    def errors(self) -> list[dict]:
+        return [json.loads(path.read_text()) for path in sorted(self.root.glob("error-rank*.json"))]
+
+
+def torchrun_command(job: Path, nproc: int) -> list[str]:
+    """`torchrun` through this interpreter; `--standalone` picks a free port, so jobs never clash."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", WORKER_MODULE, str(job)]
+
+
+def worker_env(nproc: int) -> dict[str, str]:
+    """Unbuffered output, so lines arrive as they are printed; the cores shared out between workers."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return env
+
+
+def run_workers(ctx: StageContext, config: RunConfig, nproc: int,
+                on_line: Callable[[str], None] = print) -> dict:
+    """Run the stage's function in `nproc` torchrun workers; return rank 0's result."""
+    files = LaunchFiles.of(ctx.out_dir)
+    shutil.rmtree(files.root, ignore_errors=True)  # an earlier attempt's errors are not this one's
+    io.write_json(files.job, {"stage": ctx.name, "config": config.model_dump(mode="json"),
+                              "out_dir": str(ctx.out_dir), "inputs": {k: str(v) for k, v in ctx.inputs.items()},
+                              "tracking": {"uri": ctx.tracker.uri, "run_id": ctx.tracker.run_id}})
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    with supervised(torchrun_command(files.job, nproc), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, text=True, errors="replace", env=worker_env(nproc)) as proc:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            on_line(line)
+        code = proc.wait()
+    if code != 0:
+        raise WorkerFailed(f"{ctx.name}: {describe_failure(files, code, list(tail))}")
+    return json.loads(files.result(0).read_text())
+
+
+def describe_failure(files: LaunchFiles, code: int, tail: list[str]) -> str:
+    """One line: a worker killed by a signal (torchrun's summary names it), else the first error a
+    worker recorded, else torchrun's last words.
+
+    A killed worker records nothing, and the peers it leaves in a collective fail after it with
+    connection errors of their own, so a signal outranks every record. Only torchrun sends
+    SIGTERM (to the survivors), so that one is never the cause. Among records, the workers'
+    sub-second times decide: the crashing rank writes its record before it exits (torch's own
+    error files have whole seconds, and the culprit and a peer's broken collective often tie).
+    """
+    killed = [(rank, exit_code) for rank, exit_code in _worker_exits("\n".join(tail))
+              if exit_code < 0 and exit_code != -signal.SIGTERM]
+    if killed:
+        rank, exit_code = killed[0]
+        return f"worker rank {rank} failed: {_exit_reason(exit_code)}"
+    errors = files.errors()
+    if errors:
+        first = min(errors, key=lambda error: error["time"])
+        return f"worker rank {first['rank']} failed: {first['error']}"
+    last = next((line.strip() for line in reversed(tail) if line.strip()), "no output")
+    return f"torchrun failed ({_exit_reason(code)}): {last}"
+
+
+def _worker_exits(output: str) -> list[tuple[int, int]]:
+    """(rank, exit code) of each failed worker in torchrun's failure summary."""
+    return [(int(rank), int(code)) for rank, code in _WORKER_EXIT.findall(output)]
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
