@@ -81,7 +81,7 @@ def _saved_bytes(cfg: ModelSection, mode: str, checkpointing: bool = False) -> t
 @pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16"])
 def test_activation_formula_counts_what_autograd_saves(mode):
     tokens = BATCH * SMALL["seq_len"]
-    one, two = (ModelSection(**SMALL, n_layers=n) for n in (1, 2))
+    one, two = (ModelSection(**SMALL, n_layers=n, tie_embeddings=False) for n in (1, 2))
     split, whole = _block_activation_bytes(one, mode)
     (act1, cast1), (act2, cast2) = _saved_bytes(one, mode), _saved_bytes(two, mode)
     assert act2 - act1 == tokens * (split + whole)  # exactly one block's saved tensors
@@ -89,9 +89,19 @@ def test_activation_formula_counts_what_autograd_saves(mode):
     matmul_weights = 2 * C * C + 2 * C * kv_width + 3 * C * F  # wq, wo; wk, wv; SwiGLU
     # autocast saves a bf16 copy of each matmul weight: the planner counts it with the weights
     assert cast2 - cast1 == (2 * matmul_weights if mode == "autocast" else 0)
-    head_saved, _ = _head_activation_bytes(one, mode, tp=1)
+    head_saved, _, _, _ = _head_activation_bytes(one, mode, tp=1)
     # the rest: token ids, the rotary tables and the loss, a few hundred bytes
     assert 0 <= act1 - tokens * (split + whole + head_saved) < 0.02 * act1
+
+
+@pytest.mark.parametrize("mode", ["fp32", "autocast"])
+def test_tied_head_formula_counts_what_the_chunked_loss_saves(mode):
+    tokens = BATCH * SMALL["seq_len"]
+    one = ModelSection(**SMALL, n_layers=1, tie_embeddings=True)
+    split, whole = _block_activation_bytes(one, mode)
+    head_saved, _, head_fixed, _ = _head_activation_bytes(one, mode, tp=1)
+    act1, _ = _saved_bytes(one, mode)
+    assert 0 <= act1 - (tokens * (split + whole + head_saved) + head_fixed) < 0.02 * act1
 
 
 @pytest.mark.parametrize("mode", ["fp32", "bf16"])

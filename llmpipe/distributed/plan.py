@@ -26,9 +26,11 @@ d data-parallel ranks (d = world / (tp * pp)):
     optimizer    AdamW's two fp32 states, 8 psi (8 psi / d with zero1, zero2, fsdp, fsdp_tp)
     activations  what autograd saves for backward at the configured micro-batch (see
                  `_block_activation_bytes`) for every block on the rank and micro-batch in flight,
-                 plus the final norm and the fp32 log-softmax output, plus the largest transient:
-                 the two (tokens, vocab) fp32 gradients of the loss, or with activation
-                 checkpointing the one block being recomputed, if larger
+                 plus the final norm and the loss's saved tensors (untied head: the fp32
+                 log-softmax; tied head, chunked: the gradients of its input and of the table),
+                 plus the largest transient: the loss's (tokens, vocab) fp32 gradients (one chunk
+                 of them with a tied head), or with activation checkpointing the one block being
+                 recomputed, if larger
 
     total        the sum: with gradient accumulation the gradients of earlier micro-batches are
                  held while the next one runs. (With a single micro-batch per step gradients
@@ -53,7 +55,7 @@ import math
 from dataclasses import dataclass
 
 from llmpipe.config import ModelSection, RunConfig, TrainSection
-from llmpipe.model.model import flops_per_token, parameter_count
+from llmpipe.model.model import LOSS_CHUNK_ROWS, flops_per_token, parameter_count
 
 GIB = 2**30
 FP32 = 4  # bytes per value
@@ -172,7 +174,7 @@ def _block_activation_bytes(model: ModelSection, mode: str) -> tuple[float, floa
     fp32: for attention and for the MLP, RMSNorm's input and x * rsqrt (4 C), and the norm output
     the linears share (2 C); q and the attention output (2 C: its transpose is the layout SDPA
     returns, no copy); k and v (2 nkv hs); the SwiGLU gate, its silu, up and product (4 F);
-    SDPA's log-sum-exp (nh) and two rsqrt (2). All x 4 bytes.
+    SDPA's log-sum-exp (nh) and each norm's 2-norm and rsqrt (4). All x 4 bytes.
     autocast: the residual and x * rsqrt stay fp32 (4 C x 4 bytes); each linear saves its own bf16
     cast of the norm output (3 for q, k, v and 2 for gate and up: 5 C x 2 bytes); q, the attention
     output, k, v and the SwiGLU tensors are bf16; log-sum-exp and rsqrt fp32.
@@ -183,7 +185,7 @@ def _block_activation_bytes(model: ModelSection, mode: str) -> tuple[float, floa
     """
     C, F = model.d_model, model.d_ff
     hs, nkv = model.d_model // model.n_heads, model.n_kv_heads or model.n_heads
-    scalars = FP32 * (model.n_heads + 2)  # log-sum-exp per head, rsqrt of the two norms
+    scalars = FP32 * (model.n_heads + 4)  # log-sum-exp per head; each norm's 2-norm and rsqrt
     if mode == "fp32":
         return FP32 * (6 * C + 2 * nkv * hs + 4 * F) + scalars, FP32 * 2 * C
     bf16_tensors = BF16 * (2 * C + 2 * nkv * hs + 4 * F)  # q, attention output, k, v, SwiGLU
@@ -192,17 +194,24 @@ def _block_activation_bytes(model: ModelSection, mode: str) -> tuple[float, floa
     return FP32 * 2 * C + BF16 * 2 * C + bf16_tensors + scalars, BF16 * 2 * C
 
 
-def _head_activation_bytes(model: ModelSection, mode: str, tp: int) -> tuple[float, float]:
-    """Per token: (saved by the final norm and the loss, transient loss gradients).
+def _head_activation_bytes(model: ModelSection, mode: str, tp: int) -> tuple[float, float, float, float]:
+    """(saved per token, transient per token, saved per micro-batch, transient per micro-batch).
 
-    The final norm saves as one of a block's (sequence-split) and the head's input (gathered);
-    log_softmax saves its fp32 output (vocabulary-split with loss parallel); in backward the
-    loss's and the logits' fp32 gradients exist at once.
+    The final norm saves as one of a block's (sequence-split) and the head's input (gathered).
+    An untied head: log_softmax saves its fp32 output (vocabulary-split with loss parallel); in
+    backward the loss's and the logits' fp32 gradients exist at once. A tied head takes the
+    chunked `LinearCrossEntropy`, which saves the gradients of its input (per token) and of the
+    table (V x C) and holds one chunk's fp32 logits and their softmax at a time.
     """
     C, V = model.d_model, model.vocab_size
     norm = {"fp32": (FP32 * 2 * C, FP32 * C), "autocast": (FP32 * 2 * C, BF16 * C),
             "bf16": (FP32 * C + BF16 * C, BF16 * C)}[mode]
-    return norm[0] / tp + norm[1] + FP32 * V / tp, 2 * FP32 * V / tp
+    norm_saved = norm[0] / tp + norm[1]
+    if model.tie_embeddings:  # never tensor-parallel (config.py)
+        activation = BF16 if mode == "bf16" else FP32
+        chunk = 2 * FP32 * LOSS_CHUNK_ROWS * V  # logits, then softmax - one-hot in place; log_softmax's copy
+        return norm[0] + activation * C, 0.0, activation * V * C, chunk  # it saves no logits input
+    return norm_saved + FP32 * V / tp, 2 * FP32 * V / tp, 0.0, 0.0
 
 
 def _block_input_bytes(model: ModelSection, mode: str) -> int:
@@ -265,10 +274,12 @@ def _stage_memory(model: ModelSection, train: TrainSection, layout: Layout, worl
     split, whole = _block_activation_bytes(model, mode)
     full_block = split / tp + whole
     stored_block = _block_input_bytes(model, mode) / tp if layout.activation_checkpointing else full_block
-    head_saved, head_transient = _head_activation_bytes(model, mode, tp) if last else (0.0, 0.0)
+    head_saved, head_transient, head_saved_fixed, head_transient_fixed = \
+        _head_activation_bytes(model, mode, tp) if last else (0.0, 0.0, 0.0, 0.0)
     in_flight = _in_flight(layout, micro_batches, stage)
-    transient = max(head_transient, full_block if layout.activation_checkpointing else 0.0)
-    activations = tokens * (in_flight * (blocks * stored_block + head_saved) + transient)
+    transient = max(tokens * head_transient + head_transient_fixed,
+                    tokens * full_block if layout.activation_checkpointing else 0.0)
+    activations = in_flight * (tokens * (blocks * stored_block + head_saved) + head_saved_fixed) + transient
     return Memory(weights=weights, grads=grads, optimizer=optimizer, activations=activations)
 
 

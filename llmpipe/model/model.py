@@ -31,25 +31,75 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        x = x.float()  # no copy when x is float32 already
+        # mean(x^2) from the 2-norm: one reduction kernel and a short backward, where pow + mean take more
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]  # (B, T, 1)
+        return self.weight * (x * torch.rsqrt(mean_square + self.eps)).to(dtype)
 
 
 def rope_tables(head_size: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for positions 0..length-1, each (length, hs): frequencies repeated in two halves."""
+    """cos and sin for positions 0..length-1, each (length, hs): frequencies repeated in two halves.
+
+    The first half of sin is negated, so that `apply_rope` rotates with one roll and no negation.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.int64, device=device).float() / head_size))
     positions = torch.arange(length, dtype=torch.int64, device=device).float()
     freqs = torch.outer(positions, inv_freq)  # (T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
-    return emb.cos(), emb.sin()
+    sign = torch.ones(head_size, device=device)
+    sign[: head_size // 2] = -1.0
+    return emb.cos(), emb.sin() * sign
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + hs/2) of x (B, n, T, hs) by the angles in cos/sin (T, hs)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate pairs (i, i + hs/2) of x (B, n, T, hs) by the angles in cos/sin (T, hs) from `rope_tables`.
+
+    x_i' = x_i cos - x_{i+hs/2} sin and x_{i+hs/2}' = x_{i+hs/2} cos + x_i sin: the roll brings each
+    partner into place and sin carries the minus sign. Three kernels forward (mul, roll, addcmul)
+    and no slices, whose backward would zero-fill and copy.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype)  # x cos + roll(x) sin
+
+
+LOSS_CHUNK_ROWS = 1024  # rows of logits per chunk in `LinearCrossEntropy`: 40 MB of fp32 at V = 10k
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T against targets (-1 ignored), a chunk of rows at
+    a time, the gradients computed in the same pass.
+
+    The (N, V) logits and their gradient never exist whole: each chunk's logits (rows x V) stay in
+    cache while they become the loss and the gradient softmax - one-hot, which goes straight into
+    grad x and grad weight. The same three matmuls as `F.cross_entropy(F.linear(x, weight))`, a
+    fraction of its memory traffic. backward only scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows: int, grad_enabled: bool):
+        # x (N, C), weight (V, C), targets (N,)
+        n_valid = (targets != -1).sum()
+        loss = torch.zeros((), device=x.device)
+        grad_x = torch.empty_like(x) if grad_enabled else None
+        grad_weight = torch.zeros_like(weight) if grad_enabled else None
+        for start in range(0, x.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            log_probs = F.log_softmax((x[rows] @ weight.t()).float(), dim=-1)  # (n, V)
+            valid = targets[rows] != -1
+            target = targets[rows].clamp(min=0)[:, None]  # ignored rows pick class 0, then count for nothing
+            loss -= (log_probs.gather(1, target).squeeze(1) * valid).sum()
+            if grad_enabled:
+                grad = log_probs.exp_()  # softmax, in place
+                grad.scatter_add_(1, target, grad.new_full(target.shape, -1.0))  # - one-hot
+                grad = grad.mul_((valid / n_valid)[:, None]).to(x.dtype)  # d(mean loss) / d logits
+                grad_x[rows] = grad @ weight
+                grad_weight += grad.t() @ x[rows]
+        ctx.save_for_backward(grad_x, grad_weight)
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_weight = ctx.saved_tensors
+        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None
 
 
 class KVCache:
@@ -199,11 +249,14 @@ class Transformer(nn.Module):
         if self.norm_f is None:
             return x
         x = self.norm_f(x)
+        if targets is not None and self.lm_head is None:
+            # a tied head takes the chunked loss, which never builds the (B*T, V) logits; tensor
+            # parallelism, which needs the lm_head module below, is never used with a tied head
+            return LinearCrossEntropy.apply(x.flatten(0, 1), self.tok_emb.weight, targets.reshape(-1),
+                                            LOSS_CHUNK_ROWS, torch.is_grad_enabled())
         # a module call, not F.linear on its weight: tensor parallelism hooks into lm_head's forward
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.output_weight())  # (B, T, V)
-        if targets is None:
-            return logits
-        return next_token_loss(logits, targets)
+        return logits if targets is None else next_token_loss(logits, targets)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         w = self.tok_emb.weight
