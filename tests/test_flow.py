@@ -10,6 +10,7 @@ import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
+from processes import group_alive
 
 from llmpipe import config as configlib
 from llmpipe.tracking import EXPERIMENT, tracking_uri
@@ -90,7 +91,7 @@ def test_killed_stage_reruns_alone(run_dir, base_overrides, tmp_path):
     with open(log, "wb") as out:  # a file, not a pipe: the orphaned API server would hold a pipe open
         killed = subprocess.Popen(args, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
         killed.wait(timeout=600)
-    if _group_alive(killed.pid):
+    if group_alive(killed.pid):
         os.killpg(killed.pid, signal.SIGKILL)  # the embedded API server it left behind
     assert killed.returncode == -signal.SIGKILL, log.read_text()[-2000:]
     assert list((run_dir / "shard").glob("*.arrow")), "the stage had written shards when it was killed"
@@ -100,14 +101,6 @@ def test_killed_stage_reruns_alone(run_dir, base_overrides, tmp_path):
     assert summary["stages"] == {"tokenizer": "cached", "shard": "ran"}
     manifest = json.loads((run_dir / "shard" / "manifest.json").read_text())
     assert manifest["config"]["shard"]["seq_len"] == 16
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def test_config_error_in_flow_names_field(run_dir):

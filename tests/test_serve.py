@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from processes import group_alive
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,7 @@ class Processes:
     def stop_all(self) -> None:
         for _, proc in reversed(self.started):
             _kill_group(proc)
-        alive = [name for name, proc in self.started if _group_alive(proc.pid)]
+        alive = [name for name, proc in self.started if group_alive(proc.pid)]
         assert alive == [], f"process groups left behind: {alive}"
 
 
@@ -59,20 +60,12 @@ def _kill_group(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             break
         deadline = time.monotonic() + wait_s
-        while _group_alive(proc.pid) and time.monotonic() < deadline:
+        while group_alive(proc.pid) and time.monotonic() < deadline:
             proc.poll()  # reap the leader so the group can empty
             time.sleep(0.2)
-        if not _group_alive(proc.pid):
+        if not group_alive(proc.pid):
             break
     proc.poll()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 @pytest.fixture(scope="module")
