@@ -112,12 +112,31 @@ def _deployment(url: str, name: str) -> dict | None:
     return response.json() if response.status_code == 200 else None
 
 
+def _api(method: str, url: str, **kwargs) -> dict | list:
+    """One API call's JSON. The server's SQLite can answer 5xx ("database is locked") while the
+    serving process and the worker write to it on 2 busy cores: such a call is tried again."""
+    answer = "no answer"
+    for attempt in range(10):
+        try:
+            response = httpx.request(method, url, timeout=30, **kwargs)
+        except httpx.TimeoutException:
+            answer = "timed out"
+        else:
+            if response.is_success:
+                return response.json()
+            answer = f"{response.status_code} {response.text[:500]}"
+            if response.status_code < 500:
+                break
+        time.sleep(1 + attempt)
+    raise AssertionError(f"{method} {url}: {answer}")
+
+
 def _trigger_and_wait(server, deployment: dict, watch: str) -> dict:
     url = server["url"]
-    run = httpx.post(f"{url}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10).json()
+    run = _api("POST", f"{url}/deployments/{deployment['id']}/create_flow_run", json={})
 
     def finished():
-        state = httpx.get(f"{url}/flow_runs/{run['id']}", timeout=10).json()["state"]
+        state = _api("GET", f"{url}/flow_runs/{run['id']}")["state"]
         return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
     state = _wait(finished, 150, lambda: f"flow run did not finish:\n{server['processes'].log(watch)}")
@@ -126,8 +145,7 @@ def _trigger_and_wait(server, deployment: dict, watch: str) -> dict:
 
 
 def _task_states(url: str, flow_run_id: str) -> dict[str, str]:
-    runs = httpx.post(f"{url}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}},
-                      timeout=10).json()
+    runs = _api("POST", f"{url}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}})
     return {run["name"]: run["state"]["name"] for run in runs}
 
 
