@@ -93,6 +93,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad = grad.mul_((valid / n_valid)[:, None]).to(x.dtype)  # d(mean loss) / d logits
                 grad_x[rows] = grad @ weight
                 grad_weight += grad.t() @ x[rows]
+            log_probs = grad = None  # free this chunk before the next chunk's logits exist
         ctx.save_for_backward(grad_x, grad_weight)
         return loss / n_valid
 
