@@ -5,6 +5,7 @@ import torch
 
 from llmpipe.config import ModelSection
 from llmpipe.model import Transformer, flops_per_token, generate, parameter_count, sample_next
+from llmpipe.model.model import LinearCrossEntropy
 
 TINY = dict(vocab_size=300, d_model=32, n_layers=2, n_heads=4, d_ff=64, seq_len=32)
 
@@ -116,3 +117,23 @@ def test_a_tiny_model_overfits_one_batch():
         loss.backward()
         opt.step()
     assert first > 5.0 and loss.item() < 0.1
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, 4096])  # several chunks with a short last one, and one
+def test_chunked_loss_equals_cross_entropy_of_the_logits(chunk_rows):
+    """The tied head's fused loss: same loss and gradients as logits -> F.cross_entropy, -1 ignored."""
+    torch.manual_seed(0)
+    x = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    targets[::3] = -1
+    loss = LinearCrossEntropy.apply(x, weight, targets, chunk_rows, True)
+    (2.5 * loss).backward()  # an upstream gradient other than 1 must scale both
+    grads = x.grad, weight.grad
+    x.grad = weight.grad = None
+    expected = torch.nn.functional.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
+    (2.5 * expected).backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads, (x.grad, weight.grad), rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # evaluation: the same loss, no gradients computed
+        assert LinearCrossEntropy.apply(x, weight, targets, chunk_rows, False).item() == pytest.approx(loss.item(), abs=1e-6)

@@ -201,7 +201,7 @@ def _head_activation_bytes(model: ModelSection, mode: str, tp: int) -> tuple[flo
     An untied head: log_softmax saves its fp32 output (vocabulary-split with loss parallel); in
     backward the loss's and the logits' fp32 gradients exist at once. A tied head takes the
     chunked `LinearCrossEntropy`, which saves the gradients of its input (per token) and of the
-    table (V x C) and holds one chunk's fp32 logits and their softmax at a time.
+    table (V x C) and holds one chunk's fp32 logits at a time, plus logsumexp's temporary.
     """
     C, V = model.d_model, model.vocab_size
     norm = {"fp32": (FP32 * 2 * C, FP32 * C), "autocast": (FP32 * 2 * C, BF16 * C),
@@ -209,7 +209,7 @@ def _head_activation_bytes(model: ModelSection, mode: str, tp: int) -> tuple[flo
     norm_saved = norm[0] / tp + norm[1]
     if model.tie_embeddings:  # never tensor-parallel (config.py)
         activation = BF16 if mode == "bf16" else FP32
-        chunk = 2 * FP32 * LOSS_CHUNK_ROWS * V  # logits, then softmax - one-hot in place; log_softmax's copy
+        chunk = 2 * FP32 * LOSS_CHUNK_ROWS * V  # logits (their gradient in place) and exp(logits - max)
         return norm[0] + activation * C, 0.0, activation * V * C, chunk  # it saves no logits input
     return norm_saved + FP32 * V / tp, 2 * FP32 * V / tp, 0.0, 0.0
 
