@@ -86,9 +86,9 @@ def run_case(work: Path, data: list[str], strategy: str, nproc: int, steps: int,
         counts = run_workers(ctx, config, nproc, on_line=lambda line: print(line, file=out))
     wall = time.perf_counter() - t0
     files = LaunchFiles.of(out_dir)
-    peak = max(json.loads(files.result(rank).read_text())["peak_mem_mb"] for rank in range(nproc))
-    return {"tokens_per_s": counts["tokens_per_s"], "peak_mem_mb": peak,
-            "startup_s": wall - counts["train_time_s"]}
+    peak = max(json.loads(files.result(rank).read_text())["timing"]["peak_mem_mb"] for rank in range(nproc))
+    return {"tokens_per_s": counts["timing"]["tokens_per_s"], "peak_mem_mb": peak,
+            "startup_s": wall - counts["timing"]["train_time_s"]}
 
 
 def main(argv: list[str] | None = None) -> int:

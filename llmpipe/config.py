@@ -444,5 +444,8 @@ def load(path: str | Path, overrides: list[str] = (), run_dir: str | Path | None
 
 
 def dump(config: RunConfig) -> str:
-    """The resolved config as YAML, saved next to every stage's outputs."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, saved at the root of the run directory. Without `run.run_dir`:
+    that is where the file lies, and a run directory moved elsewhere keeps the same bytes."""
+    data = config.model_dump(mode="json")
+    data["run"].pop("run_dir", None)
+    return yaml.safe_dump(data, sort_keys=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import sys
 import threading
 from pathlib import Path
@@ -136,10 +137,12 @@ def subprocess_output() -> IO[str] | None:
 
 
 def format_counts(counts: dict, keys: tuple[str, ...]) -> str:
-    """`key=value` for the keys present; large numbers with thousands separators, floats to 4 figures."""
+    """`key=value` for the keys present: whole numbers and floats from 1,000 up with thousands
+    separators (11,940, not 1.194e+04), smaller floats to 4 figures."""
     shown = []
     for key in keys:
         if key in counts:
             value = counts[key]
-            shown.append(f"{key}={int(value):,}" if float(value).is_integer() else f"{key}={value:.4g}")
+            whole = math.isfinite(value) and (float(value).is_integer() or abs(value) >= 1000)
+            shown.append(f"{key}={round(value):,}" if whole else f"{key}={value:.4g}")
     return " ".join(shown)

@@ -4,6 +4,11 @@ A stage is a plain function `fn(ctx, *sections) -> counts` living in the library
 wraps it the same way for the CLI, `python -m`, and the Prefect tasks: work out the cache key
 from the stage's config, its inputs' fingerprints and its code, prepare the stage folder, run,
 hash the outputs and write `manifest.json` last, atomically.
+
+The manifest says what was made from what, and nothing about this run in particular: the same
+inputs give the same bytes, wherever the run directory is. Measurements of the run (wall time,
+throughput: what a stage returns under `"timing"`), its start time and the git commit go to
+MLflow and the terminal only.
 """
 
 from __future__ import annotations
@@ -335,11 +340,25 @@ def _call_stage_function(stage: Stage, ctx: StageContext, sections: list, config
     return run_workers(ctx, config, nproc)
 
 
+@dataclass
+class StageRun:
+    """What `execute` returns: the manifest as written, and this run's own measurements."""
+
+    manifest: dict
+    wall_time_s: float
+    timing: dict[str, float]  # the stage's run-specific metrics (seconds, rates), flattened
+
+    @property
+    def counts(self) -> dict[str, float]:
+        """Counts and timings: what the terminal line and the Prefect artifact show."""
+        return {**self.manifest["counts"], **self.timing}
+
+
 def execute(name: str, config: RunConfig, tracker: Tracker | None = None,
-            external: dict[str, str] | None = None) -> dict:
-    """Run one stage to completion and return its manifest. Its output goes to its log file; the
-    terminal gets a line when it starts and one when it ends. `external`: fingerprints of
-    config-given inputs that the caller hashed already (`external_fingerprints`)."""
+            external: dict[str, str] | None = None) -> StageRun:
+    """Run one stage to completion. Its output goes to its log file; the terminal gets a line when
+    it starts and one when it ends. `external`: fingerprints of config-given inputs that the
+    caller hashed already (`external_fingerprints`)."""
     stage, run_dir, tracker = get_stage(name), RunDir(config.run_dir), tracker or NullTracker()
     log_path = run_dir.stage_log(name)
     console.stage_line(name, "started")
@@ -347,7 +366,7 @@ def execute(name: str, config: RunConfig, tracker: Tracker | None = None,
     try:
         with console.stage_output(log_path) as log:
             try:
-                manifest = _execute(stage, config, run_dir, tracker, external)
+                run = _execute(stage, config, run_dir, tracker, external)
             except BaseException:
                 traceback.print_exc(file=log)  # the terminal gets one line; the log gets the whole story
                 raise
@@ -357,12 +376,12 @@ def execute(name: str, config: RunConfig, tracker: Tracker | None = None,
     finally:
         if log_path.is_file():
             tracker.log_artifact(log_path)
-    console.stage_line(name, "ran", manifest["wall_time_s"], console.format_counts(manifest["counts"], stage.summary))
-    return manifest
+    console.stage_line(name, "ran", run.wall_time_s, console.format_counts(run.counts, stage.summary))
+    return run
 
 
 def _execute(stage: Stage, config: RunConfig, run_dir: RunDir, tracker: Tracker,
-             external: dict[str, str] | None) -> dict:
+             external: dict[str, str] | None) -> StageRun:
     name = stage.name
     inputs, code = input_fingerprints(stage, config, external), code_version(stage)
     key = cache_key(stage, config, inputs, code)
@@ -383,11 +402,12 @@ def _execute(stage: Stage, config: RunConfig, run_dir: RunDir, tracker: Tracker,
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     ctx = StageContext(name=name, run_dir=run_dir, out_dir=out_dir, seed=config.run.seed, inputs=paths,
                        tracker=tracker)
-    result = _call_stage_function(stage, ctx, sections, config) or {}
+    result = dict(_call_stage_function(stage, ctx, sections, config) or {})
     wall = time.perf_counter() - t0
 
     fault_point(name, "before_manifest")
     files = _output_files(out_dir)
+    timing, _ = _split_counts(result.pop("timing", {}))
     metrics, details = _split_counts(result)
     manifest = {
         "stage": name,
@@ -397,19 +417,17 @@ def _execute(stage: Stage, config: RunConfig, run_dir: RunDir, tracker: Tracker,
         "inputs": inputs,
         "code_version": code,
         "cache_key": key,
-        "git_commit": _git_commit(),
         "packages": _package_versions(),
         "files": files,
         "fingerprint": _sha256_json({k: v["sha256"] for k, v in files.items()}),
         "counts": metrics,
         "details": details,
-        "started_at": started.isoformat(),
-        "wall_time_s": round(wall, 3),
     }
     io.write_json(run_dir.manifest(name), manifest)
-    tracker.log_metrics({**metrics, "wall_time_s": wall})
+    tracker.log_metrics({**metrics, **timing, "wall_time_s": wall})
+    tracker.set_tags({"llmpipe.started_at": started.isoformat(), "llmpipe.git_commit": _git_commit() or "unknown"})
     tracker.log_artifact(run_dir.manifest(name))
-    return manifest
+    return StageRun(manifest, wall, timing)
 
 
 def verify_outputs(run_dir: RunDir, stage: str, names: list[str] | None = None) -> dict:

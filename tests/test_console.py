@@ -59,3 +59,11 @@ def test_verbose_shows_everything_and_still_logs(tmp_path):
         for line in ("printed", "logged", "via loguru", "from a subprocess", "from a forked worker"):
             assert f"{name} {line}" in shown
         assert f"{name} printed" in (tmp_path / f"{name}.log").read_text()
+
+
+def test_stage_line_counts_are_readable():
+    from llmpipe.console import format_counts
+
+    counts = {"documents": 1234567, "tokens_per_s": 11940.4, "val_loss": 5.23456, "mfu": float("nan"), "x": float("inf")}
+    assert format_counts(counts, ("documents", "tokens_per_s", "val_loss", "mfu", "x", "absent")) == \
+        "documents=1,234,567 tokens_per_s=11,940 val_loss=5.235 mfu=nan x=inf"

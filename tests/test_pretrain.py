@@ -172,13 +172,13 @@ def test_batch_tokens_must_split_into_micro_batches(tmp_path):
 def test_pretrain_stage_writes_release_weights_and_resumes_when_complete(tmp_path):
     run_dir = make_run_dir(tmp_path / "run")
     config = run_config(run_dir)
-    manifest = stages.execute("pretrain", config)
+    manifest = stages.execute("pretrain", config).manifest
     counts = manifest["counts"]
     assert counts["steps"] == 8 and counts["tokens"] == 1024
     assert counts["val_loss"] < counts["unigram_entropy"] + 1.5  # learning has started (8 steps only)
     assert {"model.safetensors", "model_config.json", "train_config.json"} <= set(manifest["files"])
     assert "checkpoints/step_0000008/__0_0.distcp" in manifest["files"]  # DCP: model and optimizer
-    again = stages.execute("pretrain", config)  # same key: the final checkpoint is found, nothing retrains
+    again = stages.execute("pretrain", config).manifest  # same key: the final checkpoint is found, nothing retrains
     assert again["counts"]["resumed_from_step"] == 8
     assert again["files"]["model.safetensors"] == manifest["files"]["model.safetensors"]
 

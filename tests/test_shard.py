@@ -55,7 +55,7 @@ def run(tmp_path_factory, texts):
                   "val_fraction": 0.2, "batch_docs": 16},
     })
     stages.execute("tokenizer", config)
-    manifest = stages.execute("shard", config)
+    manifest = stages.execute("shard", config).manifest
     return root, manifest
 
 

@@ -48,7 +48,7 @@ def src(tmp_path):
 
 def test_manifest_lists_outputs_counts_and_lineage(tmp_path, src, echo):
     config = _config(tmp_path, src)
-    manifest = stages.execute("tokenizer", config)
+    manifest = stages.execute("tokenizer", config).manifest
     on_disk = json.loads(RunDir(config.run_dir).manifest("tokenizer").read_text())
     assert on_disk == json.loads(json.dumps(manifest))
     assert set(manifest["files"]) == {"a.txt", "b.txt"}  # dot-names are bookkeeping
@@ -77,7 +77,7 @@ def test_rerun_clears_stale_outputs(tmp_path, src, echo):
     config = _config(tmp_path, src)
     stages.execute("tokenizer", config)
     (src / "b.txt").unlink()
-    manifest = stages.execute("tokenizer", config)
+    manifest = stages.execute("tokenizer", config).manifest
     assert set(manifest["files"]) == {"a.txt"}
     assert not (config.run_dir / "tokenizer" / "b.txt").exists()
 

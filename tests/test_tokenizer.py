@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
     docs = write_docs(root / "docs", corpus())
     config = validate({"run": {"run_dir": str(root / "run")},
                        "tokenizer": {"vocab_size": 400, "min_frequency": 2, "input": str(docs)}})
-    manifest = stages.execute("tokenizer", config)
+    manifest = stages.execute("tokenizer", config).manifest
     return root / "run" / "tokenizer", manifest
 
 

@@ -350,7 +350,7 @@ def crawl_stage(ctx, cfg: CrawlSection) -> dict:
         "html_bytes": summary["html_bytes"],
         "warc_bytes": summary["warc_bytes"],
         "warc_files": summary["warc_files"],
-        "pages_per_s": round(fetched / wall, 3) if wall > 0 else 0.0,
+        "timing": {"pages_per_s": round(fetched / wall, 3) if wall > 0 else 0.0},  # this run's: MLflow only
         "skipped": _skipped_all_sessions(state_dir),
         "source": source,
         "seeds": job.seeds,

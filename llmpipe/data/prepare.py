@@ -31,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+import fsspec.compression
 from datatrove.data import Document
 from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
 from datatrove.pipeline.dedup.exact_dedup import (
@@ -57,10 +58,23 @@ def normalized_text(doc: Document) -> str:
 
 
 class RecordShardedWarcReader(WarcReader):
-    """WarcReader that, with fewer files than tasks, splits the records (not the files) across ranks.
+    """WarcReader that, with fewer files than tasks, splits the records (not the files) across ranks,
+    and records the file's name inside the input folder as `file_path`.
 
     A crawl session writes one WARC file; without this, one task would do all the extraction.
+    datatrove would record the absolute path, and a run directory moved elsewhere would then
+    make other bytes from the same pages.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_file_path = False  # set below, relative
+
+    def get_document_from_dict(self, data: dict, source_file: str, id_in_file: int):
+        document = super().get_document_from_dict(data, source_file, id_in_file)
+        if document:
+            document.metadata.setdefault("file_path", source_file)
+        return document
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         files = self.data_folder.get_shard(0, 1, recursive=self.recursive, glob_pattern=self.glob_pattern)
@@ -73,6 +87,26 @@ class RecordShardedWarcReader(WarcReader):
             if i % world_size == rank:
                 self.update_doc_stats(doc)
                 yield doc
+
+
+def _gzip_without_mtime(fileobj, mode: str = "rb", **kwargs):
+    return gzip.GzipFile(fileobj=fileobj, mode=mode, mtime=0, **kwargs)
+
+
+# gzip stamps the time of writing into each file's header: the same documents would hash differently
+# on every run. Registered on import, which unpickling `JsonlGzWriter` on a Slurm or Ray worker does.
+fsspec.compression.register_compression("gzip-mtime0", _gzip_without_mtime, [], force=True)
+
+
+class JsonlGzWriter(JsonlWriter):
+    """datatrove's JsonlWriter to `<rank>.jsonl.gz`, with no timestamp in the gzip header."""
+
+    def __init__(self, output_folder: str):
+        super().__init__(output_folder, output_filename="${rank}.jsonl.gz", compression="gzip-mtime0")
+
+
+def _jsonl_reader(folder: Path) -> JsonlReader:
+    return JsonlReader(str(folder), add_file_path=False)  # keep the WARC's file_path, never add a local one
 
 
 def _has_files(folder: Path, pattern: str) -> bool:
@@ -202,7 +236,7 @@ def run_prepare(cfg: PrepareSection, warc_dir: Path, wet_dir: Path | None, docum
     if not pipeline:
         raise MissingInput(f"prepare: no WARC files in {warc_dir} and no WET files in {wet_dir}")
     pipeline += [step for _, step in filter_steps]
-    pipeline.append(JsonlWriter(str(data / "filtered"), output_filename="${rank}.jsonl.gz"))
+    pipeline.append(JsonlGzWriter(str(data / "filtered")))
     runner.run("extract_filter", pipeline, cfg.tasks)
 
     deduplicate(cfg, runner, data / "filtered", documents_dir, data)
@@ -215,22 +249,22 @@ def deduplicate(cfg: PrepareSection, runner: Runner, input_dir: Path, documents_
     tasks, current = cfg.tasks, input_dir
     if cfg.exact_dedup:
         exact = ExactDedupConfig(content_getter=normalized_text, hash_config=HashConfig(precision=64))
-        runner.run("exact_signature", [JsonlReader(str(current)),
+        runner.run("exact_signature", [_jsonl_reader(current),
                                        ExactDedupSignature(str(data / "exact" / "sigs"), exact, finder_workers=1)], tasks)
         runner.run("exact_find", [ExactFindDedups(str(data / "exact" / "sigs"), str(data / "exact" / "dups"),
                                                   exact)], 1)
-        runner.run("exact_filter", [JsonlReader(str(current)), ExactDedupFilter(str(data / "exact" / "dups"), exact),
-                                    JsonlWriter(str(data / "exact_deduped"), output_filename="${rank}.jsonl.gz")],
+        runner.run("exact_filter", [_jsonl_reader(current), ExactDedupFilter(str(data / "exact" / "dups"), exact),
+                                    JsonlGzWriter(str(data / "exact_deduped"))],
                    tasks)
         current = data / "exact_deduped"
 
-    final: list = [JsonlReader(str(current))]
+    final: list = [_jsonl_reader(current)]
     if cfg.minhash.enabled:
         m = cfg.minhash
         mh = DatatroveMinhashConfig(n_grams=m.n_grams, num_buckets=m.num_buckets,
                                     hashes_per_bucket=m.hashes_per_bucket, seed=m.seed,
                                     hash_config=HashConfig(precision=64))
-        runner.run("minhash_signature", [JsonlReader(str(current)),
+        runner.run("minhash_signature", [_jsonl_reader(current),
                                          MinhashDedupSignature(str(data / "minhash" / "sigs"), config=mh)], tasks)
         runner.run("minhash_buckets", [MinhashDedupBuckets(str(data / "minhash" / "sigs"),
                                                            str(data / "minhash" / "buckets"), config=mh)],
@@ -241,7 +275,7 @@ def deduplicate(cfg: PrepareSection, runner: Runner, input_dir: Path, documents_
     if cfg.output_format == "parquet":
         final.append(ParquetWriter(str(documents_dir), output_filename="${rank}.parquet"))
     else:
-        final.append(JsonlWriter(str(documents_dir), output_filename="${rank}.jsonl.gz"))
+        final.append(JsonlGzWriter(str(documents_dir)))
     runner.run("write", final, tasks)
 
 
@@ -282,7 +316,7 @@ def collect_counts(logs: Path, filter_names: list[str], documents_dir: Path, sec
     docs, text_bytes, files = count_documents(documents_dir)
     funnel["written"] = docs
     counts.update({"kept_after": funnel, "documents": docs, "text_bytes": text_bytes, "output_files": files,
-                   "timing_s": {k: round(v, 3) for k, v in seconds.items()}})
+                   "timing": {"timing_s": {k: round(v, 3) for k, v in seconds.items()}}})  # this run's: MLflow only
     return counts
 
 

@@ -201,10 +201,11 @@ def shard_stage(ctx, cfg: ShardSection) -> dict:
     return {
         **counts.as_dict(),
         **result,
-        "seconds": seconds,
-        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
-        "mb_per_second": result["bytes"] / 1e6 / seconds if seconds > 0 else 0.0,
-        "input": str(source),
+        "timing": {  # this run's: MLflow only
+            "seconds": seconds,
+            "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+            "mb_per_second": result["bytes"] / 1e6 / seconds if seconds > 0 else 0.0,
+        },
     }
 
 

@@ -59,10 +59,20 @@ def _quiet_without_process_group():
         yield
 
 
+class _ReproducibleWriter(dcp.FileSystemWriter):
+    """DCP's file writer without its storage record: the folder's path and a random save id would
+    otherwise go into `.metadata`, and the same training would save different bytes each time.
+    Loading never reads that record."""
+
+    def storage_meta(self):
+        return None
+
+
 def save_sharded(folder: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
     """Every rank writes its shards of the model and optimizer state into `folder` (collective)."""
     with _quiet_without_process_group():
-        dcp.save(_state(parts, optimizers), checkpoint_id=str(folder), no_dist=not is_distributed())
+        dcp.save(_state(parts, optimizers), storage_writer=_ReproducibleWriter(str(folder)),
+                 no_dist=not is_distributed())
 
 
 def load_sharded(folder: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None) -> None:

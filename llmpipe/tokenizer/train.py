@@ -134,9 +134,8 @@ def tokenizer_stage(ctx, cfg: TokenizerSection) -> dict:
     return {
         **counts.as_dict(),
         "vocab_size": tokenizer.get_vocab_size(),
-        "seconds": seconds,
         "special_tokens": [[token, tokenizer.token_to_id(token)] for token in SPECIAL_TOKENS],  # a detail
-        "input": str(source),
+        "timing": {"seconds": seconds},  # this run's: MLflow only
     }
 
 

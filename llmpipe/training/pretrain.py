@@ -86,14 +86,14 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
 
     ckpt_root = out_dir / "checkpoints"
     state = trainer.resume(ckpt_root, task)
-    resumed_from = state.step
+    resumed_from, resumed_tokens = state.step, state.tokens
     state = trainer.fit(task, state, ckpt_root=ckpt_root, config=config, tracker=tracker, stop_after=stop_after)
 
     device = trainer.device
     peak = peak_flops(device, trainer.dtype, cfg.peak_flops)
     if device.type == "cpu" and cfg.peak_flops is None:  # other processes may have shared the cores at start
         peak = max(peak, measured_cpu_peak())
-    tokens_per_s = state.tokens / state.train_time_s if state.train_time_s else 0.0
+    tokens_per_s = (state.tokens - resumed_tokens) / state.train_time_s if state.train_time_s else 0.0
     result = {
         "steps": state.step,
         "tokens": state.tokens,
@@ -102,11 +102,13 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
         "unigram_entropy": unigram_entropy(train_streams, model_cfg.vocab_size) if main else math.nan,
         "parameters": parameter_count(model_cfg),
         "flops_per_token": fpt,
-        "tokens_per_s": tokens_per_s,
-        "mfu": tokens_per_s * fpt / (peak * trainer.env.world_size),
-        "peak_flops": peak,
-        "peak_mem_mb": peak_memory_mb(device),
-        "train_time_s": state.train_time_s,
+        "timing": {  # this run's: MLflow only
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * fpt / (peak * trainer.env.world_size),
+            "peak_flops": peak,
+            "peak_mem_mb": peak_memory_mb(device),
+            "train_time_s": state.train_time_s,
+        },
         "resumed_from_step": resumed_from,
         "accumulation": trainer.accumulation,
         "world_size": trainer.env.world_size,

@@ -91,14 +91,16 @@ class LoopState:
 
     step: int = 0  # optimizer steps done
     tokens: int = 0  # training tokens consumed (all ranks)
-    train_time_s: float = 0.0  # wall time inside training steps (no eval, no checkpoint)
+    train_time_s: float = 0.0  # wall time inside this process's training steps (no eval, no checkpoint)
     loss_ema: float | None = None  # running mean for the spike guard
     train_loss: float | None = None  # loss of the last step
     val_loss: float | None = None  # last validation loss
     history: list = field(default_factory=list)  # (step, val_loss) pairs
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        """All but the wall time: a checkpoint holds no run-specific value, so the same run saves the
+        same bytes (a resumed run times only its own steps)."""
+        return {k: v for k, v in self.__dict__.items() if k != "train_time_s"}
 
 
 # --- devices and numbers -------------------------------------------------------------------------
@@ -266,7 +268,7 @@ class Trainer:
             return LoopState()
         saved = checkpoint.load(latest, self.model_parts, self.optimizers, verified=True)
         task.train_loader.load_state_dict(saved["loader"])
-        state = LoopState(**{f.name: saved[f.name] for f in fields(LoopState)})
+        state = LoopState(**{f.name: saved[f.name] for f in fields(LoopState) if f.name in saved})
         if self.env.is_main:
             print(f"resuming from {latest} (step {state.step})", flush=True)
         return state
