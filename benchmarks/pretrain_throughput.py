@@ -11,6 +11,8 @@ each case's fastest run).
 Every model and mode is timed twice: ours (`llama`, the Llama layout of llmpipe.model) and `gpt2`,
 a nanoGPT-style GPT-2 written below with the same matmul FLOPs per token, so the table shows
 what RoPE, RMSNorm and SwiGLU cost or save against learned positions, LayerNorm and GELU.
+The ours/ref ratios come from one more process per model and mode that runs both, their steps
+alternating (`--paired-steps`), so that a machine whose speed drifts skews neither.
 MFU is achieved FLOP/s (PaLM counting, `flops_per_token`) over the peak: on CPU the measured
 FLOP/s of a large fp32 matmul on the same threads, on GPU the vendor's dense bf16 figure.
 """
@@ -110,76 +112,97 @@ class GPT2Reference(nn.Module):
 # --- one case per process ---------------------------------------------------------------------
 
 
-def run_case(name: str, arch: str, mode: str, steps: int, warmup: int, device_name: str, dtype_name: str,
-             batch: int | None) -> dict:
+def build_case(name: str, arch: str, mode: str, device_name: str, dtype_name: str, batch: int | None):
+    """A model of `arch` and one full training step on a fixed random batch: (step, facts)."""
     from llmpipe.config import PretrainSection
     from llmpipe.model import Transformer, flops_per_token
     from llmpipe.training.optim import build_optimizer
-    from llmpipe.training.trainer import autocast, autocast_dtype, peak_flops, peak_memory_mb, resolve_device
+    from llmpipe.training.trainer import autocast, autocast_dtype, resolve_device
 
     cfg = model_section(name)
     device = resolve_device(device_name)
     dtype = autocast_dtype(dtype_name, device)
-    B = batch or MODELS[name][1 if device.type == "cpu" else 2]
-    T = cfg.seq_len
+    B, T = batch or MODELS[name][1 if device.type == "cpu" else 2], cfg.seq_len
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     model = (Transformer(cfg) if arch == "llama" else GPT2Reference(cfg)).to(device).train()
-    fpt = flops_per_token(cfg) if arch == "llama" else model.flops_per_token(T)
     optimizer = build_optimizer(model, PretrainSection(), fused=device.type == "cuda")
     forward = torch.compile(model) if mode == "compiled" else model
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
 
-    def step():
+    def step() -> float:
+        """One timed training step, in seconds (the GPU synchronised)."""
+        t0 = time.perf_counter()
         with autocast(device, dtype):
             loss = forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        loss.item()  # waits for the device
+        return time.perf_counter() - t0
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    facts = {"device": device, "dtype": dtype, "tokens": B * T, "batch": f"{B}x{T}",
+             "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+             "flops_per_token": flops_per_token(cfg) if arch == "llama" else model.flops_per_token(T)}
+    return step, facts
 
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    sync()
-    warm_s = time.perf_counter() - t0
+
+def run_case(name: str, arch: str, mode: str, steps: int, warmup: int, device_name: str, dtype_name: str,
+             batch: int | None) -> dict:
+    from llmpipe.training.trainer import peak_flops, peak_memory_mb
+
+    step, f = build_case(name, arch, mode, device_name, dtype_name, batch)
+    device, dtype, fpt = f["device"], f["dtype"], f["flops_per_token"]
+    warm_s = sum(step() for _ in range(warmup))
     peak = peak_flops(device, dtype)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step().item()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times = [step() for _ in range(steps)]
     if device.type == "cpu":  # other processes share these cores: keep the best of two peak readings
         peak = max(peak, peak_flops(device, dtype))
-    tps = B * T / statistics.median(times)
+    tps = f["tokens"] / statistics.median(times)
     return {"model": name, "arch": arch, "mode": mode,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "dtype": str(dtype or torch.float32).removeprefix("torch."), "threads": torch.get_num_threads(),
-            "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "mflops_per_token": fpt / 1e6,
-            "batch": f"{B}x{T}", "tokens_per_s": tps, "tflops": tps * fpt / 1e12, "peak_tflops": peak / 1e12,
+            "params_M": f["params_M"], "mflops_per_token": fpt / 1e6,
+            "batch": f["batch"], "tokens_per_s": tps, "tflops": tps * fpt / 1e12, "peak_tflops": peak / 1e12,
             "mfu": tps * fpt / peak, "peak_mem_mb": peak_memory_mb(device), "warmup_s": warm_s,
-            "best_tokens_per_s": B * T / min(times)}
+            "best_tokens_per_s": f["tokens"] / min(times)}
 
 
-def ratio_lines(rows: list[dict]) -> list[str]:
-    """ours/ref per mode and compiled/eager per architecture, from median (and best) step times."""
+def run_pair(name: str, mode: str, steps: int, warmup: int, device_name: str, dtype_name: str,
+             batch: int | None) -> dict:
+    """Ours and the reference in one process, their steps alternating (ABBA), so that both see the
+    same machine: on shared cores the separate runs of the table drift by 10-20% between cases,
+    and the ratio of two drifting runs more so. Returns ours/ref from the paired step times."""
+    cases = {arch: build_case(name, arch, mode, device_name, dtype_name, batch)[0] for arch in ARCHS}
+    for step in cases.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {arch: [] for arch in ARCHS}
+    for i in range(steps):
+        for arch in (ARCHS if i % 2 == 0 else ARCHS[::-1]):
+            times[arch].append(cases[arch]())
+    ours, ref = (times[arch] for arch in ARCHS)
+    pairwise = sorted(r / o for o, r in zip(ours, ref))  # each step of ours against its neighbour of the reference
+    return {"model": name, "mode": mode, "steps": steps, "ratio": statistics.median(pairwise),
+            "ratio_q1": pairwise[len(pairwise) // 4], "ratio_q3": pairwise[3 * len(pairwise) // 4]}
+
+
+def ratio_lines(rows: list[dict], pairs: list[dict]) -> list[str]:
+    """ours/ref per mode from the paired runs (median step ratio); compiled/eager per architecture
+    from the table."""
+    lines = [f"{p['model']:>9} {'llama/gpt2 ' + p['mode']:<22} {p['ratio']:5.2f}x  (median of {p['steps']} paired steps; "
+             f"middle half {p['ratio_q1']:.2f}-{p['ratio_q3']:.2f}x)" for p in pairs]
     tps = {(r["model"], r["arch"], r["mode"]): (r["tokens_per_s"], r["best_tokens_per_s"]) for r in rows}
-    lines = []
     for name in dict.fromkeys(r["model"] for r in rows):
-        pairs = [(f"llama/gpt2 {mode}", (name, "llama", mode), (name, "gpt2", mode)) for mode in ("eager", "compiled")]
-        pairs += [(f"{arch} compiled/eager", (name, arch, "compiled"), (name, arch, "eager")) for arch in ARCHS]
-        for label, a, b in pairs:
+        for arch in ARCHS:
+            a, b = (name, arch, "compiled"), (name, arch, "eager")
             if a in tps and b in tps:
-                lines.append(f"{name:>9} {label:<22} {tps[a][0] / tps[b][0]:5.2f}x  (best steps {tps[a][1] / tps[b][1]:.2f}x)")
+                lines.append(f"{name:>9} {arch + ' compiled/eager':<22} {tps[a][0] / tps[b][0]:5.2f}x  "
+                             f"(best steps {tps[a][1] / tps[b][1]:.2f}x)")
     return lines
 
 
@@ -193,31 +216,48 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--batch", type=int, help="micro batch (sequences); default per model and device")
+    parser.add_argument("--paired-steps", type=int, default=20,
+                        help="timed steps of each model in the paired ours/ref run (0: no paired run)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    parser.add_argument("--pair", help=argparse.SUPPRESS)  # internal: run both archs alternating, print JSON
     args = parser.parse_args(argv)
 
+    case_args = (args.steps, args.warmup, args.device, args.dtype, args.batch)
     if args.one:
         name, arch, mode = args.one.split(":")
-        print(json.dumps(run_case(name, arch, mode, args.steps, args.warmup, args.device, args.dtype, args.batch)))
+        print(json.dumps(run_case(name, arch, mode, *case_args)))
+        return 0
+    if args.pair:
+        name, mode = args.pair.split(":")
+        print(json.dumps(run_pair(name, mode, args.paired_steps, *case_args[1:])))
         return 0
 
+    def subprocess_json(flag: str, value: str, label: str) -> dict | None:
+        cmd = [sys.executable, __file__, flag, value, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--paired-steps", str(args.paired_steps), "--device", args.device, "--dtype", args.dtype]
+        if args.batch:
+            cmd += ["--batch", str(args.batch)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{label}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return None
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
     best: dict[tuple, dict] = {}
+    pairs: list[dict] = []
     for name in args.models.split(","):
         for mode in args.modes.split(","):
             for _ in range(args.repeats):
                 for arch in ARCHS:
-                    cmd = [sys.executable, __file__, "--one", f"{name}:{arch}:{mode}", "--steps", str(args.steps),
-                           "--warmup", str(args.warmup), "--device", args.device, "--dtype", args.dtype]
-                    if args.batch:
-                        cmd += ["--batch", str(args.batch)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        print(f"{name} {arch} {mode}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    r = subprocess_json("--one", f"{name}:{arch}:{mode}", f"{name} {arch} {mode}")
+                    if r is None:
                         continue
-                    r = json.loads(proc.stdout.strip().splitlines()[-1])
                     print(f"{name} {arch} {mode}: {r['tokens_per_s']:,.0f} tok/s", file=sys.stderr, flush=True)
                     if r["tokens_per_s"] > best.get((name, arch, mode), {}).get("tokens_per_s", 0):
                         best[(name, arch, mode)] = r
+            if args.paired_steps and (p := subprocess_json("--pair", f"{name}:{mode}", f"{name} {mode} paired")):
+                print(f"{name} {mode} paired: llama/gpt2 {p['ratio']:.2f}x", file=sys.stderr, flush=True)
+                pairs.append(p)
     rows = list(best.values())
     if not rows:
         return 1
@@ -230,7 +270,7 @@ def main(argv=None) -> int:
         print(f"{r['model']:>9} {r['arch']:>5} {r['mode']:>8} {r['params_M']:6.2f}M {r['mflops_per_token']:9.2f} "
               f"{r['batch']:>7} {r['tokens_per_s']:9,.0f} {'(' + format(r['best_tokens_per_s'], ',.0f') + ')':>9} "
               f"{r['tflops'] * 1e3:8.1f} {r['mfu']:6.1%} {r['peak_mem_mb']:7,.0f}MB {r['warmup_s']:7.1f}s")
-    print("\n".join(ratio_lines(rows)))
+    print("\n".join(ratio_lines(rows, pairs)))
     return 0
 
 
