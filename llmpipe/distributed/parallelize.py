@@ -152,9 +152,12 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
         apply_tp(model, tp_mesh)
     if cfg.activation_checkpointing:
         _checkpoint_blocks(model)
-    if cfg.compile:
-        for block in model.trf_blocks.values():
-            block.compile()  # in place: parameter names stay the model's
+    if cfg.compile:  # in place: parameter names stay the model's
+        if mesh is None:  # one process: the whole model, so inductor fuses across blocks and into the loss
+            model.compile()  # (tiny on CPU: 1.25x the tokens/s of compiling each block)
+        else:  # each block, as torchtitan does: FSDP's and DDP's hooks and pipeline stages sit between blocks
+            for block in model.trf_blocks.values():
+                block.compile()
     dp_mesh = submesh(mesh, "dp")
     forward: nn.Module | None = model
     mixed_precision = False
