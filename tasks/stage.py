@@ -41,7 +41,16 @@ def _cache_key(context, parameters) -> str:
     return key
 
 
-@task(cache_key_fn=_cache_key, persist_result=True, task_run_name="{name}")
+def _say_cached(task, task_run, state) -> None:
+    """A cache hit's terminal line, from the task's own thread: printed before the stages that wait
+    for this one can start and print theirs (the flow's report comes after, in any order)."""
+    if state.name == "Cached":
+        result = state.result()
+        stage = stages.get_stage(result["stage"])
+        console.stage_line(stage.name, "cached", details=console.format_counts(result["counts"], stage.summary))
+
+
+@task(cache_key_fn=_cache_key, persist_result=True, task_run_name="{name}", on_completion=[_say_cached])
 def stage_task(name: str, config: RunConfig, external: dict[str, str], tracking: dict) -> dict:
     """Run one stage inside its own MLflow child run; return what downstream and the cache need."""
     task_run, key = get_run_context().task_run, get_transaction().key
@@ -71,8 +80,8 @@ def stage_options(name: str, config: RunConfig, force: bool):
 
 
 def report(name: str, future: PrefectFuture, config: RunConfig, tracking: dict) -> str:
-    """After a stage task ended: its counts as a Prefect artifact, a cache hit as an MLflow run and a
-    terminal line (a stage that ran printed its own). Returns 'ran', 'cached', 'failed' or 'not run'."""
+    """After a stage task ended: its counts as a Prefect artifact and a cache hit as an MLflow run (the
+    terminal lines come from the task's thread). Returns 'ran', 'cached', 'failed' or 'not run'."""
     future.wait()  # sets the future's final state (the API's copy may lag behind)
     state = future.state
     if state.is_failed() or state.is_crashed():
@@ -83,7 +92,6 @@ def report(name: str, future: PrefectFuture, config: RunConfig, tracking: dict) 
     result = state.result()
     cached = state.name == "Cached"
     if cached:
-        console.stage_line(name, "cached", details=console.format_counts(result["counts"], stages.get_stage(name).summary))
         MlflowTracker(tracking["uri"], tracking["experiment_id"], run_name=f"{name} (cached)",
                       parent_run_id=tracking["parent_run_id"],
                       tags={"llmpipe.stage": name, "llmpipe.cache_key": result["cache_key"], "llmpipe.cached": "true",

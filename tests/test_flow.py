@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -70,9 +71,16 @@ def test_second_run_skips_every_stage(run_dir, base_overrides):
     assert {name: run.data.tags["llmpipe.cached"] for name, run in children.items()} == {"tokenizer": "true", "shard": "true"}
 
 
-def test_changing_shard_config_reruns_only_shard(run_dir, base_overrides):
+def test_changing_shard_config_reruns_only_shard(run_dir, base_overrides, monkeypatch):
+    from llmpipe import console
+
+    terminal = io.StringIO()
+    monkeypatch.setitem(console._terminal, "stdout", terminal)
     summary = _run(run_dir, [*base_overrides, "shard.seq_len=32"])
     assert summary["stages"] == {"tokenizer": "cached", "shard": "ran"}
+    # the terminal in the graph's order: the cache hit's line before its downstream stage starts
+    lines = [line.split()[:2] for line in terminal.getvalue().splitlines() if line.startswith(("tokenizer", "shard"))]
+    assert lines == [["tokenizer", "cached"], ["shard", "started"], ["shard", "ran"]]
     assert json.loads((run_dir / "shard" / "manifest.json").read_text())["config"]["shard"]["seq_len"] == 32
 
 
