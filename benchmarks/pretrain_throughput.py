@@ -240,11 +240,13 @@ def main(argv=None) -> int:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{label}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            failures.append(label)
             return None
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     best: dict[tuple, dict] = {}
     pairs: list[dict] = []
+    failures: list[str] = []
     for name in args.models.split(","):
         for mode in args.modes.split(","):
             for _ in range(args.repeats):
@@ -271,7 +273,7 @@ def main(argv=None) -> int:
               f"{r['batch']:>7} {r['tokens_per_s']:9,.0f} {'(' + format(r['best_tokens_per_s'], ',.0f') + ')':>9} "
               f"{r['tflops'] * 1e3:8.1f} {r['mfu']:6.1%} {r['peak_mem_mb']:7,.0f}MB {r['warmup_s']:7.1f}s")
     print("\n".join(ratio_lines(rows, pairs)))
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

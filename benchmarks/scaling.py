@@ -78,7 +78,8 @@ def run_case(work: Path, data: list[str], strategy: str, nproc: int, steps: int,
                  *layout(strategy, nproc, batch_sequences)]
     config = configlib.load(ROOT / "configs/tiny.yaml", overrides, work / "run")
     out_dir = work / "cases" / f"{strategy}-{nproc}"
-    ctx = stages.StageContext(name="pretrain", run_dir=RunDir(config.run_dir), out_dir=out_dir, seed=config.run.seed)
+    ctx = stages.StageContext(name="pretrain", run_dir=RunDir(config.run_dir), out_dir=out_dir, seed=config.run.seed,
+                              inputs=stages.get_stage("pretrain").input_paths(config))
     log = out_dir.with_suffix(".log")
     out_dir.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_sequences = preset.pretrain.batch_tokens // preset.model.seq_len
         print(f"{'strategy':<9} {'nproc':>5} {'threads':>7} {'tokens/s':>10} {'peak MB/rank':>12} {'vs 1 proc':>9} "
               f"{'overhead s':>10}")
+        failed = 0
         for strategy in strategies:
             single = None
             for nproc in counts:
@@ -122,13 +124,14 @@ def main(argv: list[str] | None = None) -> int:
                     row = run_case(work, data, strategy, nproc, args.steps, batch_sequences)
                 except UserError as err:
                     print(f"{strategy:<9} {nproc:>5} failed: {err}", flush=True)
+                    failed += 1
                     continue
                 single = row["tokens_per_s"] if nproc == 1 else single
                 ratio = f"{row['tokens_per_s'] / single:.2f}x" if single else "-"
                 threads = worker_env(nproc)["OMP_NUM_THREADS"]
                 print(f"{strategy:<9} {nproc:>5} {threads:>7} {row['tokens_per_s']:>10,.0f} {row['peak_mem_mb']:>12,.0f} "
                       f"{ratio:>9} {row['startup_s']:>10.1f}", flush=True)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
