@@ -232,6 +232,8 @@ def main(argv=None) -> int:
         print(json.dumps(run_pair(name, mode, args.paired_steps, *case_args[1:])))
         return 0
 
+    failures: list[str] = []
+
     def subprocess_json(flag: str, value: str, label: str) -> dict | None:
         cmd = [sys.executable, __file__, flag, value, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--paired-steps", str(args.paired_steps), "--device", args.device, "--dtype", args.dtype]
@@ -246,7 +248,6 @@ def main(argv=None) -> int:
 
     best: dict[tuple, dict] = {}
     pairs: list[dict] = []
-    failures: list[str] = []
     for name in args.models.split(","):
         for mode in args.modes.split(","):
             for _ in range(args.repeats):

@@ -238,9 +238,11 @@ def input_fingerprints(stage: Stage, config: RunConfig, external: dict[str, str]
     return prints
 
 
-def cache_key(stage: Stage, config: RunConfig, inputs: dict[str, str] | None = None, code: str | None = None) -> str:
-    """What decides whether a stage's outputs are current: its config, its inputs and its code."""
-    inputs = input_fingerprints(stage, config) if inputs is None else inputs
+def cache_key(stage: Stage, config: RunConfig, inputs: dict[str, str] | None = None, code: str | None = None,
+              external: dict[str, str] | None = None) -> str:
+    """What decides whether a stage's outputs are current: its config, its inputs and its code.
+    `inputs` are computed when not given (`external`: as for `input_fingerprints`)."""
+    inputs = input_fingerprints(stage, config, external) if inputs is None else inputs
     return _sha256_json({"stage": stage.name, "config": config_hash(stage, config),
                          "inputs": inputs, "code": code or code_version(stage)})
 

@@ -26,16 +26,11 @@ from llmpipe.tracking import MlflowTracker
 RETRIES = {"crawl": 2}  # network stages retry; deterministic ones fail fast
 
 
-def _stage_key(name: str, config: RunConfig, external: dict[str, str]) -> str:
-    stage = stages.get_stage(name)
-    return stages.cache_key(stage, config, stages.input_fingerprints(stage, config, external))
-
-
 def _cache_key(context, parameters) -> str:
     """The stage's key. A persisted result whose outputs are no longer on disk (the stage was since
     rerun alone with another config, or killed while resuming) is dropped, so the stage runs."""
     name, config = parameters["name"], parameters["config"]
-    key = _stage_key(name, config, parameters["external"])
+    key = stages.cache_key(stages.get_stage(name), config, external=parameters["external"])
     if not stages.is_current(name, config, key):
         (RunDir(config.run_dir).prefect_results(name) / key).unlink(missing_ok=True)  # Prefect's file for that key
     return key
@@ -55,7 +50,7 @@ def stage_task(name: str, config: RunConfig, external: dict[str, str], tracking:
     """Run one stage inside its own MLflow child run; return what downstream and the cache need."""
     task_run, key = get_run_context().task_run, get_transaction().key
     if key is None:  # Prefect runs the task uncached when the key function raised: raise it here instead
-        key = _stage_key(name, config, external)
+        key = stages.cache_key(stages.get_stage(name), config, external=external)
     tracker = MlflowTracker(tracking["uri"], tracking["experiment_id"], run_name=name,
                             parent_run_id=tracking["parent_run_id"],
                             tags={"llmpipe.stage": name, "llmpipe.cache_key": key, "llmpipe.cached": "false",

@@ -105,10 +105,6 @@ class JsonlGzWriter(JsonlWriter):
         super().__init__(output_folder, output_filename="${rank}.jsonl.gz", compression="gzip-mtime0")
 
 
-def _jsonl_reader(folder: Path) -> JsonlReader:
-    return JsonlReader(str(folder), add_file_path=False)  # keep the WARC's file_path, never add a local one
-
-
 def _has_files(folder: Path, pattern: str) -> bool:
     return folder.is_dir() and any(folder.glob(pattern))
 
@@ -249,22 +245,22 @@ def deduplicate(cfg: PrepareSection, runner: Runner, input_dir: Path, documents_
     tasks, current = cfg.tasks, input_dir
     if cfg.exact_dedup:
         exact = ExactDedupConfig(content_getter=normalized_text, hash_config=HashConfig(precision=64))
-        runner.run("exact_signature", [_jsonl_reader(current),
+        runner.run("exact_signature", [JsonlReader(str(current)),
                                        ExactDedupSignature(str(data / "exact" / "sigs"), exact, finder_workers=1)], tasks)
         runner.run("exact_find", [ExactFindDedups(str(data / "exact" / "sigs"), str(data / "exact" / "dups"),
                                                   exact)], 1)
-        runner.run("exact_filter", [_jsonl_reader(current), ExactDedupFilter(str(data / "exact" / "dups"), exact),
+        runner.run("exact_filter", [JsonlReader(str(current)), ExactDedupFilter(str(data / "exact" / "dups"), exact),
                                     JsonlGzWriter(str(data / "exact_deduped"))],
                    tasks)
         current = data / "exact_deduped"
 
-    final: list = [_jsonl_reader(current)]
+    final: list = [JsonlReader(str(current))]
     if cfg.minhash.enabled:
         m = cfg.minhash
         mh = DatatroveMinhashConfig(n_grams=m.n_grams, num_buckets=m.num_buckets,
                                     hashes_per_bucket=m.hashes_per_bucket, seed=m.seed,
                                     hash_config=HashConfig(precision=64))
-        runner.run("minhash_signature", [_jsonl_reader(current),
+        runner.run("minhash_signature", [JsonlReader(str(current)),
                                          MinhashDedupSignature(str(data / "minhash" / "sigs"), config=mh)], tasks)
         runner.run("minhash_buckets", [MinhashDedupBuckets(str(data / "minhash" / "sigs"),
                                                            str(data / "minhash" / "buckets"), config=mh)],
