@@ -128,7 +128,7 @@ def build_case(name: str, arch: str, mode: str, device_name: str, dtype_name: st
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     model = (Transformer(cfg) if arch == "llama" else GPT2Reference(cfg)).to(device).train()
-    optimizer = build_optimizer(model, PretrainSection(), fused=device.type == "cuda")
+    optimizer = build_optimizer(model, PretrainSection(), device)
     forward = torch.compile(model) if mode == "compiled" else model
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)

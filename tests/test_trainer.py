@@ -3,6 +3,7 @@ callbacks, building a model from a config, from upstream weights or on the meta 
 activation checkpointing applied from outside the model."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from llmpipe.data.loader import TokenLoader
 from llmpipe.distributed.parallelize import parallelize
 from llmpipe.model.release import save_release
 from llmpipe.tracking import NullTracker
-from llmpipe.training.trainer import LoopState, Trainer, TrainTask, build_model, materialize
+from llmpipe.training.trainer import LoopState, Trainer, TrainTask, build_model, materialize, steady_tokens_per_s
 
 
 class ListTracker(NullTracker):
@@ -65,6 +66,24 @@ def test_a_stage_brings_its_own_step_function_and_metrics(tmp_path):
     with torch.no_grad():
         expected = sum(masked_step(initial, fresh.next_batch())[0].item() for _ in range(4)) / 4
     assert seen[0][1] == pytest.approx(expected, abs=1e-6)
+
+
+def test_timing_leaves_out_the_first_step_and_the_checkpoint(tmp_path):
+    """The first step of a process (compilation, first allocations) is timed apart, neither wall
+    time reaches state.json, and the optimizer is AdamW's fused kernel on CPU too."""
+    model_cfg = ModelSection(**MODEL)
+    cfg = PretrainSection(**{**PRETRAIN, "max_steps": 3, "checkpoint_every": 0})
+    trainer = Trainer(model_cfg, cfg, seed=0)
+    assert all(opt.defaults["fused"] for opt in trainer.optimizers)
+    loader = TokenLoader([stream()], model_cfg.seq_len, cfg.micro_batch_size, seed=0)
+    state = trainer.fit(TrainTask("pretrain", masked_step, loader), LoopState(), ckpt_root=tmp_path, config={})
+    assert 0 < state.first_step_s < state.train_time_s
+    saved = json.loads((next(tmp_path.glob("step_*")) / "state.json").read_text())
+    assert "train_time_s" not in saved and "first_step_s" not in saved and saved["step"] == 3
+
+    timed = LoopState(train_time_s=10.0, first_step_s=8.0)
+    assert steady_tokens_per_s(timed, steps=3, tokens=300) == pytest.approx(100.0)  # 200 tokens in 2 s
+    assert steady_tokens_per_s(LoopState(train_time_s=8.0, first_step_s=8.0), steps=1, tokens=100) == 12.5
 
 
 def test_a_model_starts_from_upstream_weights(tmp_path):

@@ -17,12 +17,15 @@ def param_groups(model: torch.nn.Module, cfg: TrainSection) -> list[dict]:
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw_defaults(cfg: TrainSection, fused: bool = False) -> dict:
+def adamw_defaults(cfg: TrainSection, device: torch.device | str = "cpu") -> dict:
+    """AdamW's arguments. The fused kernel, on CPU as on CUDA: one pass over each parameter instead of
+    foreach's dozen (tiny preset on 2 cores: 1.4 ms per step against 6-10 ms)."""
+    fused = torch.device(device).type in ("cpu", "cuda")
     return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, **({"fused": True} if fused else {})}
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainSection, fused: bool = False) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg), **adamw_defaults(cfg, fused))
+def build_optimizer(model: torch.nn.Module, cfg: TrainSection, device: torch.device | str = "cpu") -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg), **adamw_defaults(cfg, device))
 
 
 def lr_at(step: int, cfg: TrainSection) -> float:

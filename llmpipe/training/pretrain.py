@@ -28,6 +28,7 @@ from llmpipe.training.trainer import (
     measured_cpu_peak,
     peak_flops,
     peak_memory_mb,
+    steady_tokens_per_s,
 )
 
 UNIGRAM_SAMPLE = 1 << 27  # tokens read for the unigram entropy
@@ -93,7 +94,7 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
     peak = peak_flops(device, trainer.dtype, cfg.peak_flops)
     if device.type == "cpu" and cfg.peak_flops is None:  # other processes may have shared the cores at start
         peak = max(peak, measured_cpu_peak())
-    tokens_per_s = (state.tokens - resumed_tokens) / state.train_time_s if state.train_time_s else 0.0
+    tokens_per_s = steady_tokens_per_s(state, state.step - resumed_from, state.tokens - resumed_tokens)
     result = {
         "steps": state.step,
         "tokens": state.tokens,
@@ -108,6 +109,7 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
             "peak_flops": peak,
             "peak_mem_mb": peak_memory_mb(device),
             "train_time_s": state.train_time_s,
+            "first_step_s": state.first_step_s,
         },
         "resumed_from_step": resumed_from,
         "accumulation": trainer.accumulation,

@@ -92,15 +92,24 @@ class LoopState:
     step: int = 0  # optimizer steps done
     tokens: int = 0  # training tokens consumed (all ranks)
     train_time_s: float = 0.0  # wall time inside this process's training steps (no eval, no checkpoint)
+    first_step_s: float = 0.0  # of which this process's first step: compilation, first allocations
     loss_ema: float | None = None  # running mean for the spike guard
     train_loss: float | None = None  # loss of the last step
     val_loss: float | None = None  # last validation loss
     history: list = field(default_factory=list)  # (step, val_loss) pairs
 
     def to_json(self) -> dict:
-        """All but the wall time: a checkpoint holds no run-specific value, so the same run saves the
+        """All but the wall times: a checkpoint holds no run-specific value, so the same run saves the
         same bytes (a resumed run times only its own steps)."""
-        return {k: v for k, v in self.__dict__.items() if k != "train_time_s"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("train_time_s", "first_step_s")}
+
+
+def steady_tokens_per_s(state: LoopState, steps: int, tokens: int) -> float:
+    """Tokens/s of this process's steps after its first, which holds compilation and the first
+    allocations (tens of seconds with `compile`); all steps when only one ran."""
+    if steps > 1 and state.train_time_s > state.first_step_s:
+        return tokens * (steps - 1) / steps / (state.train_time_s - state.first_step_s)
+    return tokens / state.train_time_s if state.train_time_s else 0.0
 
 
 # --- devices and numbers -------------------------------------------------------------------------
@@ -239,9 +248,8 @@ class Trainer:
         if on_meta:
             materialize(self.parallel.model_parts, self.device, seed, init_from)
         self.autocast_dtype = None if self.parallel.mixed_precision else self.dtype
-        fused = self.device.type == "cuda"
         self.optimizers = [self.parallel.build_optimizer(param_groups(part, cfg), torch.optim.AdamW,
-                                                         **adamw_defaults(cfg, fused))
+                                                         **adamw_defaults(cfg, self.device))
                            for part in self.parallel.model_parts]
         self.on_step_end: list[Callable[[LoopState], None]] = []  # called once per optimizer step, every rank
         self.on_step_end.append(lambda state: fault_point(section, f"step_{state.step}"))  # LLMPIPE_FAULT
@@ -412,6 +420,8 @@ class Trainer:
             state.step = step + 1
             state.tokens += tokens_per_step
             state.train_time_s += dt
+            if step == start_step:
+                state.first_step_s = dt
             state.train_loss = loss_value
             state.loss_ema = loss_value if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * loss_value
             window_tokens, window_time = window_tokens + tokens_per_step, window_time + dt
