@@ -13,6 +13,7 @@ a nanoGPT-style GPT-2 written below with the same matmul FLOPs per token, so the
 what RoPE, RMSNorm and SwiGLU cost or save against learned positions, LayerNorm and GELU.
 The ours/ref ratios come from one more process per model and mode that runs both, their steps
 alternating (`--paired-steps`), so that a machine whose speed drifts skews neither.
+The last column names the attention and AdamW kernels a profiled step ran (flash/fused wanted).
 MFU is achieved FLOP/s (PaLM counting, `flops_per_token`) over the peak: on CPU the measured
 FLOP/s of a large fp32 matmul on the same threads, on GPU the vendor's dense bf16 figure.
 """
@@ -151,6 +152,20 @@ def build_case(name: str, arch: str, mode: str, device_name: str, dtype_name: st
     return step, facts
 
 
+def kernels_in_use(step) -> str:
+    """The attention and AdamW kernels one training step runs, from the profiler's op names:
+    "flash/fused" is SDPA's flash kernel and AdamW's fused one (on GPU the acceptance wants both)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # host-side op records, CUDA ops included
+        step()
+    ops = " ".join(e.key for e in prof.key_averages())
+    attention = next((kind for marker, kind in (("flash_attention", "flash"), ("efficient_attention", "efficient"),
+                                                ("cudnn_attention", "cudnn")) if marker in ops), "math")
+    adamw = "fused" if "_fused_adamw" in ops else "foreach" if "_foreach_" in ops else "loop"
+    return f"{attention}/{adamw}"
+
+
 def run_case(name: str, arch: str, mode: str, steps: int, warmup: int, device_name: str, dtype_name: str,
              batch: int | None) -> dict:
     from llmpipe.training.trainer import peak_flops, peak_memory_mb
@@ -163,13 +178,14 @@ def run_case(name: str, arch: str, mode: str, steps: int, warmup: int, device_na
     if device.type == "cpu":  # other processes share these cores: keep the best of two peak readings
         peak = max(peak, peak_flops(device, dtype))
     tps = f["tokens"] / statistics.median(times)
+    kernels = kernels_in_use(step)
     return {"model": name, "arch": arch, "mode": mode,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "dtype": str(dtype or torch.float32).removeprefix("torch."), "threads": torch.get_num_threads(),
             "params_M": f["params_M"], "mflops_per_token": fpt / 1e6,
             "batch": f["batch"], "tokens_per_s": tps, "tflops": tps * fpt / 1e12, "peak_tflops": peak / 1e12,
             "mfu": tps * fpt / peak, "peak_mem_mb": peak_memory_mb(device), "warmup_s": warm_s,
-            "best_tokens_per_s": f["tokens"] / min(times)}
+            "best_tokens_per_s": f["tokens"] / min(times), "kernels": kernels}
 
 
 def run_pair(name: str, mode: str, steps: int, warmup: int, device_name: str, dtype_name: str,
@@ -268,11 +284,11 @@ def main(argv=None) -> int:
     print(f"{r['device']}, {r['dtype']}, {r['threads']} threads; tok/s from the median step (best step in brackets); "
           f"MFU against each case's own peak reading (up to {max(r['peak_tflops'] for r in rows) * 1e3:,.0f} GFLOP/s)")
     print(f"{'model':>9} {'arch':>5} {'mode':>8} {'params':>7} {'MFLOP/tok':>9} {'batch':>7} {'tok/s':>9} "
-          f"{'(best)':>9} {'GFLOP/s':>8} {'MFU':>6} {'peak mem':>9} {'warm-up':>8}")
+          f"{'(best)':>9} {'GFLOP/s':>8} {'MFU':>6} {'peak mem':>9} {'warm-up':>8}  attention/adamw")
     for r in rows:
         print(f"{r['model']:>9} {r['arch']:>5} {r['mode']:>8} {r['params_M']:6.2f}M {r['mflops_per_token']:9.2f} "
               f"{r['batch']:>7} {r['tokens_per_s']:9,.0f} {'(' + format(r['best_tokens_per_s'], ',.0f') + ')':>9} "
-              f"{r['tflops'] * 1e3:8.1f} {r['mfu']:6.1%} {r['peak_mem_mb']:7,.0f}MB {r['warmup_s']:7.1f}s")
+              f"{r['tflops'] * 1e3:8.1f} {r['mfu']:6.1%} {r['peak_mem_mb']:7,.0f}MB {r['warmup_s']:7.1f}s  {r['kernels']}")
     print("\n".join(ratio_lines(rows, pairs)))
     return 1 if failures else 0
 
