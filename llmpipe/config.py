@@ -255,6 +255,17 @@ class ParallelConfig(Section):
     pp: int = Field(1, ge=1)  # pipeline stages (pp: = nproc)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"  # torch.distributed.pipelining schedule
     pp_virtual_stages: int = Field(2, ge=1)  # model chunks per rank with interleaved_1f1b
+    # when gradient accumulation reduces gradients over the data-parallel ranks: once per step (the
+    # step's last micro-batch; least traffic, but FSDP holds whole fp32 gradients until then) or
+    # after every micro-batch (zero2, fsdp, fsdp_tp: only the shards are held, as ZeRO-3 intends)
+    grad_sync: Literal["step", "micro_batch"] = "step"
+
+    @model_validator(mode="after")
+    def _grad_sync(self) -> "ParallelConfig":
+        if self.grad_sync == "micro_batch" and self.strategy not in ("zero2", "fsdp", "fsdp_tp"):
+            raise ValueError(f"grad_sync=micro_batch needs a strategy that shards gradients "
+                             f"(zero2, fsdp or fsdp_tp), not {self.strategy}")
+        return self
 
 
 class TrainSection(Section):

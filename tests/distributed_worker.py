@@ -85,7 +85,8 @@ def init_path(out_dir: Path, spec: dict) -> Path | None:
 
 
 def train_config(spec: dict, world_size: int) -> PretrainSection:
-    parallel = ParallelConfig(**{k: spec[k] for k in ("strategy", "tp", "pp", "pp_schedule", "pp_virtual_stages")
+    parallel = ParallelConfig(**{k: spec[k] for k in ("strategy", "tp", "pp", "pp_schedule", "pp_virtual_stages",
+                                                                           "grad_sync")
                                  if k in spec})
     return PretrainSection(max_steps=spec.get("steps", 6), batch_tokens=BATCH_TOKENS,
                            micro_batch_size=spec.get("micro_batch_size", 2), lr=3e-3, warmup_steps=2,

@@ -34,6 +34,10 @@ def test_override_is_parsed_as_yaml(tmp_path):
     ("prepare.executor=spark", "config error: prepare.executor=\"spark\": Input should be 'local', 'slurm' or 'ray'"),
     ("tokenizer.input=/no/such/folder", "config error: tokenizer.input=\"/no/such/folder\": path does not exist"),
     ("nosuchsection.key=1", "config error: nosuchsection: unknown key; allowed keys: align, crawl, "),
+    ("pretrain.parallel.grad_sync=often",
+     "config error: pretrain.parallel.grad_sync=\"often\": Input should be 'step' or 'micro_batch'"),
+    ("pretrain.parallel.grad_sync=micro_batch", "config error: pretrain.parallel={...}: grad_sync=micro_batch needs "
+     "a strategy that shards gradients (zero2, fsdp or fsdp_tp), not ddp"),
 ])
 def test_bad_values_name_field_value_and_allowed(override, expected):
     with pytest.raises(ConfigError) as err:

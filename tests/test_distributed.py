@@ -32,6 +32,7 @@ TWO_PROCESSES = [
     {"name": "zero2_accumulate", "strategy": "zero2", "micro_batch_size": 2},
     {"name": "fsdp", "strategy": "fsdp", "micro_batch_size": 4},
     {"name": "fsdp_accumulate", "strategy": "fsdp", "micro_batch_size": 2},
+    {"name": "fsdp_accumulate_sync", "strategy": "fsdp", "micro_batch_size": 2, "grad_sync": "micro_batch"},
     {"name": "fsdp_tied", "strategy": "fsdp", "micro_batch_size": 4, "tie_embeddings": True},
     # resharding: FSDP-2 stops after step 4 (a checkpoint); ZeRO-1, TP-2 and a 2-stage pipeline
     # resume it here, one process in test_fsdp_checkpoint_resumes_in_one_process
@@ -173,12 +174,15 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(runs):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_accumulated_micro_batches_are_reduced_once_per_step(runs):
+def test_when_accumulated_gradients_are_reduced(runs):
     """After the first of two micro-batches, DDP ranks hold their own, different gradients (no
-    all-reduce yet) and FSDP ranks none at all (no reduce-scatter yet)."""
+    all-reduce yet) and FSDP ranks none at all (no reduce-scatter yet), unless asked to
+    reduce-scatter every micro-batch: then they already hold sharded gradients."""
     out, _ = runs
     probes = {name: [json.loads((out / f"{name}.rank{r}.json").read_text())["probe"] for r in range(2)]
-              for name in ("ddp_accumulate", "zero1_accumulate", "zero2_accumulate", "fsdp_accumulate")}
+              for name in ("ddp_accumulate", "zero1_accumulate", "zero2_accumulate", "fsdp_accumulate",
+                           "fsdp_accumulate_sync")}
+    assert all(g == "dtensor" for rank in probes["fsdp_accumulate_sync"] for g in rank)
     for name in ("ddp_accumulate", "zero1_accumulate"):
         rank0, rank1 = probes[name]
         assert all(isinstance(g, float) for g in rank0 + rank1), name

@@ -42,6 +42,7 @@ TWO_PROCESSES = [
 FOUR_PROCESSES = [  # 2 FSDP groups x TP 2: micro_batch_size 4 is 1 micro-batch per step and group, 2 is 2
     {"name": "fsdp_tp", "strategy": "fsdp_tp", "tp": 2, "micro_batch_size": 4},
     {"name": "fsdp_tp_accumulate", "strategy": "fsdp_tp", "tp": 2, "micro_batch_size": 2},
+    {"name": "fsdp_tp_accumulate_sync", "strategy": "fsdp_tp", "tp": 2, "micro_batch_size": 2, "grad_sync": "micro_batch"},
     {"name": "fsdp_tp_from_seed", "strategy": "fsdp_tp", "tp": 2, "micro_batch_size": 4, "from_seed": True},
 ]
 EQUIVALENT = [s["name"] for s in TWO_PROCESSES if s.get("kind", "train") == "train" and "stop_after" not in s]

@@ -1,6 +1,7 @@
 """The memory planner against what autograd saves, against measured peaks, and on the presets."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from llmpipe.distributed.plan import (
     format_plan,
     make_plan,
     memory_per_gpu,
+    step_time_s,
 )
 from llmpipe.model.model import Transformer, parameter_count
 
@@ -219,14 +221,35 @@ def test_sharding_divides_what_each_strategy_shards():
     assert checkpointed.activations < fsdp.activations / 4
 
 
+def test_reducing_every_micro_batch_holds_only_the_gradient_shards():
+    """With accumulation, FSDP keeps whole fp32 gradients until the step's last reduce-scatter; with
+    grad_sync=micro_batch only the shards (and two blocks in flight), for d times the gradient traffic."""
+    config = load(REPO / "configs/llama-7b.yaml")
+    model, train = config.model, config.pretrain
+    psi = parameter_count(model)
+    once, every = (Layout("fsdp", grad_sync=sync) for sync in ("step", "micro_batch"))
+    held_once, held_every = (memory_per_gpu(model, train, layout, world=8).grads for layout in (once, every))
+    assert held_once == pytest.approx(4 * psi + 4 * psi / 8)
+    assert 4 * psi / 8 < held_every < held_once / 4
+    # an 80 GB node with its NVLink as the only link: 7B's compute still hides the extra traffic
+    cluster = Cluster(gpus_per_node=8, gpu_mem_gib=80)
+    assert step_time_s(model, train, every, cluster) == pytest.approx(step_time_s(model, train, once, cluster))
+    slow_link = Cluster(gpus_per_node=1, gpu_mem_gib=80, nodes=8)  # every collective on the network
+    assert step_time_s(model, train, every, slow_link) > step_time_s(model, train, once, slow_link)
+    labels = {p.layout.label() for p in make_plan(config, cluster)}
+    assert {"fsdp grad_sync=micro_batch", "zero2 grad_sync=micro_batch", "fsdp_tp tp=2 grad_sync=micro_batch"} <= labels
+    assert not any("ddp grad_sync" in label or "zero1 grad_sync" in label for label in labels)
+
+
 def test_plan_command_prints_the_table(tmp_path):
     result = subprocess.run([sys.executable, "-m", "llmpipe.cli", "plan", "--config", "configs/llama-7b.yaml",
                              "--gpus", "8", "--gpu-mem", "80"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    rows = {line[2:30].strip() + " " + line[30:33].strip(): line for line in result.stdout.splitlines()
-            if line[:1] in " *" and line[30:33].strip() in ("on", "off")}
-    assert rows["fsdp off"].startswith("*") and " yes " in rows["fsdp off"]
-    assert " no " in rows["ddp off"] and " no " in rows["ddp on"]
+    rows = {f"{m[1]} {m[2]}": line for line in result.stdout.splitlines()
+            if (m := re.match(r"^[ *] (\S.*?)\s+(on|off)\s", line))}
+    configured = rows["fsdp grad_sync=micro_batch off"]
+    assert configured.startswith("*") and " yes " in configured
+    assert " no " in rows["ddp off"] and " no " in rows["ddp on"] and " yes " in rows["fsdp off"]
     config = load(REPO / "configs/llama-7b.yaml")
     cluster = Cluster(gpus_per_node=8, gpu_mem_gib=80)
     assert result.stdout.strip() == format_plan(config, cluster, make_plan(config, cluster)).strip()

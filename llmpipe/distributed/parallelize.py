@@ -9,7 +9,8 @@ The contract with the trainer (llmpipe/training/trainer.py) is `ParallelModel`:
   None under pp, where the trainer calls `schedule.step(inputs, target=labels, losses=...)` once
   per optimizer step with the step's whole batch (its micro-batches concatenated).
 - `gradient_sync(enabled)`: a context for one micro-batch's backward; gradients are only
-  reduced across data-parallel ranks on the micro-batch where it is enabled (the last).
+  reduced across data-parallel ranks on the micro-batch where it is enabled (the last), or on
+  every one with `parallel.grad_sync: micro_batch` (sharded strategies).
 - `loss_context()`: wraps forward + backward (loss parallel under tp).
 - `grad_norm()` / `clip_grads(max_norm, norm)`: the global norm over every rank's gradients
   (DTensor shards, pipeline stages), the same number on every rank.
@@ -62,6 +63,7 @@ class ParallelModel:
     has_last_stage: bool = True  # pp: this rank computes the loss
     loss_parallel: bool = False  # tp: the loss is computed on vocabulary-sharded logits
     mixed_precision: bool = False  # FSDP casts parameters to bf16 itself: no autocast around forward
+    sync_every_micro_batch: bool = False  # FSDP reduce-scatters after every backward: shards only
 
     @functools.cached_property
     def schedule(self) -> Any | None:
@@ -81,6 +83,8 @@ class ParallelModel:
             yield from part.parameters()
 
     def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        if self.sync_every_micro_batch:
+            return contextlib.nullcontext()
         if enabled:
             return contextlib.nullcontext()
         if isinstance(self.forward, DistributedDataParallel):
@@ -181,7 +185,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
     return ParallelModel(model_parts=[model], forward=forward, layout=layout, mesh=mesh, strategy=strategy,
                          schedule_factory=schedule_factory, has_first_stage=model.tok_emb is not None,
                          has_last_stage=model.norm_f is not None, loss_parallel=tp_mesh is not None,
-                         mixed_precision=mixed_precision)
+                         mixed_precision=mixed_precision,
+                         sync_every_micro_batch=dp_mesh is not None and cfg.parallel.grad_sync == "micro_batch")
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:

@@ -19,10 +19,11 @@ d data-parallel ranks (d = world / (tp * pp)):
                  gathered parameters of the computed and the prefetched block plus the root
                  module's (embedding, head), which FSDP does not reshard after forward (fsdp, fsdp_tp)
     grads        fp32, 4 psi, + DDP's buckets, a second 4 psi (ddp, zero1 with d > 1); sharded
-                 strategies: 4 psi / d, + 4 psi while accumulating (the engine skips the
-                 reduce-scatter until the last micro-batch, and FSDP keeps the unsharded gradients
-                 in fp32 meanwhile) or, with one micro-batch per step, two blocks' unsharded bf16
-                 gradients and their fp32 reduce copies
+                 strategies: 4 psi / d, + 4 psi while accumulating (by default the engine skips
+                 the reduce-scatter until the last micro-batch, and FSDP keeps the unsharded
+                 gradients in fp32 meanwhile) or, with one micro-batch per step or with
+                 `grad_sync: micro_batch`, two blocks' unsharded bf16 gradients and their fp32
+                 reduce copies
     optimizer    AdamW's two fp32 states, 8 psi (8 psi / d with zero1, zero2, fsdp, fsdp_tp)
     activations  what autograd saves for backward at the configured micro-batch (see
                  `_block_activation_bytes`) for every block on the rank and micro-batch in flight,
@@ -42,8 +43,8 @@ the CUDA context, NCCL buffers and allocator fragmentation, which are not modell
 The step time is a rough estimate, only good for ranking layouts against each other: compute
 (flops_per_token * tokens, x 4/3 with activation checkpointing) at MFU_GUESS of the peak, slowed
 by the pipeline bubble (pp - 1) / (virtual stages * micro-batches) and by uneven stages;
-data-parallel traffic (gradient all-reduce or reduce-scatter once per step, FSDP's parameter
-all-gathers every micro-batch) overlaps with compute, so the step takes the longer of the two;
+data-parallel traffic (gradient all-reduce or reduce-scatter once per step, or every
+micro-batch with `grad_sync: micro_batch`; FSDP's parameter all-gathers every micro-batch) overlaps with compute, so the step takes the longer of the two;
 tensor-parallel and pipeline traffic is added on top. Traffic inside a node moves at
 NVLINK_BYTES_PER_S, between nodes at NETWORK_BYTES_PER_S per GPU; ranks are numbered tp first
 (llmpipe/distributed/env.py), so a group crosses nodes when it is wider than a node.
@@ -52,7 +53,7 @@ NVLINK_BYTES_PER_S, between nodes at NETWORK_BYTES_PER_S per GPU; ranks are numb
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmpipe.config import ModelSection, RunConfig, TrainSection
 from llmpipe.model.model import LOSS_CHUNK_ROWS, flops_per_token, parameter_count
@@ -97,14 +98,14 @@ class Layout:
     pp_schedule: str = "1f1b"
     pp_virtual_stages: int = 1  # model chunks per rank (interleaved_1f1b)
     activation_checkpointing: bool = False
+    grad_sync: str = "step"  # sharded strategies: reduce-scatter once per step or every micro-batch
 
     def label(self) -> str:
         if self.strategy == "pp":
             virtual = f" v={self.pp_virtual_stages}" if self.pp_schedule == "interleaved_1f1b" else ""
             return f"pp={self.pp} {self.pp_schedule}{virtual}"
-        if self.strategy in ("tp", "fsdp_tp"):
-            return f"{self.strategy} tp={self.tp}"
-        return self.strategy
+        label = f"{self.strategy} tp={self.tp}" if self.strategy in ("tp", "fsdp_tp") else self.strategy
+        return label + (" grad_sync=micro_batch" if self.grad_sync == "micro_batch" else "")
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,8 @@ def configured_layout(train: TrainSection) -> Layout:
     if p.strategy == "pp":
         virtual = p.pp_virtual_stages if p.pp_schedule == "interleaved_1f1b" else 1
         return Layout("pp", pp=p.pp, pp_schedule=p.pp_schedule, pp_virtual_stages=virtual, activation_checkpointing=ac)
-    return Layout(p.strategy, tp=p.tp if p.strategy in ("tp", "fsdp_tp") else 1, activation_checkpointing=ac)
+    return Layout(p.strategy, tp=p.tp if p.strategy in ("tp", "fsdp_tp") else 1, activation_checkpointing=ac,
+                  grad_sync=p.grad_sync)
 
 
 def precision(train: TrainSection, strategy: str) -> str:
@@ -259,9 +261,9 @@ def _stage_memory(model: ModelSection, train: TrainSection, layout: Layout, worl
         else:
             gathered = (PREFETCHED_BLOCKS * sizes.block + own_table + sizes.head) / tp
         weights = FP32 * psi / d + compute_bytes * gathered
-        if micro_batches > 1:
+        if micro_batches > 1 and layout.grad_sync == "step":
             unsharded = FP32 * psi  # accumulated in fp32 until the last micro-batch reduce-scatters
-        else:  # bf16 gradients and their fp32 reduce copies, two blocks at a time
+        else:  # reduce-scattered as backward goes: bf16 gradients and their fp32 reduce copies, two blocks at a time
             unsharded = (compute_bytes + (FP32 if compute_bytes != FP32 else 0)) * PREFETCHED_BLOCKS * sizes.block / tp
         grads = FP32 * psi / d + unsharded
     else:
@@ -323,7 +325,9 @@ def step_time_s(model: ModelSection, train: TrainSection, layout: Layout, cluste
         data_parallel = _ring(3 * gradients, d, dp_crosses)  # all-reduce, then the updated shards broadcast
     elif layout.strategy in SHARDED_PARAMS:  # reduce-scatter + parameter all-gathers every micro-batch
         gathers = 1 if layout.strategy == "zero2" else 2  # fsdp gathers again for backward
-        data_parallel = _ring(gradients, d, dp_crosses) + micro * gathers * _ring(compute_bytes * psi, d, dp_crosses)
+        reductions = micro if layout.grad_sync == "micro_batch" else 1
+        data_parallel = (reductions * _ring(gradients, d, dp_crosses)
+                         + micro * gathers * _ring(compute_bytes * psi, d, dp_crosses))
     else:
         data_parallel = 0.0
 
@@ -341,7 +345,8 @@ def step_time_s(model: ModelSection, train: TrainSection, layout: Layout, cluste
 
 
 def candidate_layouts(model: ModelSection, train: TrainSection, world: int) -> list[Layout]:
-    """Every layout the engine can run on `world` GPUs, each without and with activation checkpointing.
+    """Every layout the engine can run on `world` GPUs, each without and with activation checkpointing,
+    the sharded ones also reduce-scattering every micro-batch when a step has several.
 
     Tensor parallelism needs heads, key/value heads, d_ff, the vocabulary and the sequence to split
     evenly (llmpipe/distributed/tensor_parallel.py); a pipeline needs a block per stage (per virtual
@@ -357,7 +362,9 @@ def candidate_layouts(model: ModelSection, train: TrainSection, world: int) -> l
         shapes += [Layout("pp", pp=world, pp_schedule=s) for s in ("gpipe", "1f1b") if model.n_layers >= world]
         if model.n_layers >= world * v:
             shapes.append(Layout("pp", pp=world, pp_schedule="interleaved_1f1b", pp_virtual_stages=v))
-    return [Layout(s.strategy, s.tp, s.pp, s.pp_schedule, s.pp_virtual_stages, ac) for s in shapes for ac in (False, True)]
+    shapes += [replace(s, grad_sync="micro_batch") for s in shapes  # accumulating: when to reduce-scatter
+               if s.strategy in SHARDED_PARAMS and micro_batches_per_step(model, train, s, world) > 1]
+    return [replace(s, activation_checkpointing=ac) for s in shapes for ac in (False, True)]
 
 
 def make_plan(config: RunConfig, cluster: Cluster) -> list[Plan]:
@@ -387,11 +394,11 @@ def format_plan(config: RunConfig, cluster: Cluster, plans: list[Plan]) -> str:
              f"GiB per GPU; fits: total <= {USABLE_FRACTION:.0%} of the GPU; step: estimated time relative to "
              f"the fastest plan that fits (rough)",
              "",
-             f"  {'plan':<27} {'AC':<3} {'weights':>8} {'grads':>7} {'optim':>7} {'activ':>7} {'total':>7}  fits  step"]
+             f"  {'plan':<34} {'AC':<3} {'weights':>8} {'grads':>7} {'optim':>7} {'activ':>7} {'total':>7}  fits  step"]
     for p in plans:
         m = p.memory
         step = f"x{p.step_time_s / fastest:.2f}" if fastest else f"{p.step_time_s:.1f}s"
-        lines.append(f"{'*' if p.configured else ' '} {p.layout.label():<27} {'on' if p.layout.activation_checkpointing else 'off':<3} "
+        lines.append(f"{'*' if p.configured else ' '} {p.layout.label():<34} {'on' if p.layout.activation_checkpointing else 'off':<3} "
                      f"{m.weights / GIB:8.1f} {m.grads / GIB:7.1f} {m.optimizer / GIB:7.1f} {m.activations / GIB:7.1f} "
                      f"{m.total / GIB:7.1f}  {'yes' if p.fits else 'no ':<4}  {step}")
     if fastest:
