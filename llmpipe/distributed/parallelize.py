@@ -83,9 +83,7 @@ class ParallelModel:
             yield from part.parameters()
 
     def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
-        if self.sync_every_micro_batch:
-            return contextlib.nullcontext()
-        if enabled:
+        if enabled or self.sync_every_micro_batch:
             return contextlib.nullcontext()
         if isinstance(self.forward, DistributedDataParallel):
             return self.forward.no_sync()

@@ -44,10 +44,11 @@ The step time is a rough estimate, only good for ranking layouts against each ot
 (flops_per_token * tokens, x 4/3 with activation checkpointing) at MFU_GUESS of the peak, slowed
 by the pipeline bubble (pp - 1) / (virtual stages * micro-batches) and by uneven stages;
 data-parallel traffic (gradient all-reduce or reduce-scatter once per step, or every
-micro-batch with `grad_sync: micro_batch`; FSDP's parameter all-gathers every micro-batch) overlaps with compute, so the step takes the longer of the two;
-tensor-parallel and pipeline traffic is added on top. Traffic inside a node moves at
-NVLINK_BYTES_PER_S, between nodes at NETWORK_BYTES_PER_S per GPU; ranks are numbered tp first
-(llmpipe/distributed/env.py), so a group crosses nodes when it is wider than a node.
+micro-batch with `grad_sync: micro_batch`; FSDP's parameter all-gathers every micro-batch)
+overlaps with compute, so the step takes the longer of the two; tensor-parallel and pipeline
+traffic is added on top. Traffic inside a node moves at NVLINK_BYTES_PER_S, between nodes at
+NETWORK_BYTES_PER_S per GPU; ranks are numbered tp first (llmpipe/distributed/env.py), so a
+group crosses nodes when it is wider than a node.
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ def _stage_memory(model: ModelSection, train: TrainSection, layout: Layout, worl
         weights = FP32 * psi / d + compute_bytes * gathered
         if micro_batches > 1 and layout.grad_sync == "step":
             unsharded = FP32 * psi  # accumulated in fp32 until the last micro-batch reduce-scatters
-        else:  # reduce-scattered as backward goes: bf16 gradients and their fp32 reduce copies, two blocks at a time
+        else:  # reduce-scattered as backward goes: two blocks' bf16 gradients and their fp32 reduce copies
             unsharded = (compute_bytes + (FP32 if compute_bytes != FP32 else 0)) * PREFETCHED_BLOCKS * sizes.block / tp
         grads = FP32 * psi / d + unsharded
     else:
