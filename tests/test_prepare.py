@@ -13,7 +13,7 @@ import pytest
 
 from llmpipe.config import PrepareSection
 from llmpipe.data import filters as F
-from llmpipe.data.prepare import Runner, count_documents, deduplicate, prepare_stage
+from llmpipe.data.prepare import Runner, count_documents, deduplicate, prepare_stage, work_hash
 from llmpipe.paths import RunDir
 
 PROSE = [
@@ -154,6 +154,19 @@ def _read_ids(folder: Path) -> list[str]:
         with gzip.open(path, "rt") as f:
             ids += [json.loads(line)["id"] for line in f]
     return ids
+
+
+def test_bookkeeping_key_follows_the_inputs_not_where_they_lie(tmp_path):
+    """A moved run keeps datatrove's completion markers; another config or another input does not."""
+    for root in ("here", "moved"):
+        (tmp_path / root / "warc").mkdir(parents=True)
+        (tmp_path / root / "warc" / "crawl.warc.gz").write_bytes(b"x" * 10)
+    cfg = PrepareSection()
+    here, moved = ([tmp_path / root / "warc", tmp_path / root / "wet"] for root in ("here", "moved"))
+    assert work_hash(cfg, here) == work_hash(cfg, moved)
+    assert work_hash(cfg, here) != work_hash(PrepareSection(tasks=3), here)
+    (tmp_path / "moved" / "warc" / "crawl.warc.gz").write_bytes(b"x" * 11)
+    assert work_hash(cfg, here) != work_hash(cfg, moved)
 
 
 def test_minhash_dedup_recall_on_planted_duplicates(tmp_path):

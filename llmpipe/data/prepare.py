@@ -110,9 +110,10 @@ def _has_files(folder: Path, pattern: str) -> bool:
 
 
 def work_hash(cfg: PrepareSection, inputs: list[Path]) -> str:
-    """Config + input file names and sizes: the key of the datatrove bookkeeping folder."""
-    listing = sorted((str(p), p.stat().st_size) for folder in inputs if folder.is_dir()
-                     for p in folder.rglob("*") if p.is_file())
+    """Config + input file names (inside their folder, so a moved run keeps its bookkeeping) and
+    sizes: the key of the datatrove bookkeeping folder."""
+    listing = sorted((i, str(p.relative_to(folder)), p.stat().st_size) for i, folder in enumerate(inputs)
+                     if folder.is_dir() for p in folder.rglob("*") if p.is_file())
     blob = json.dumps({"config": cfg.digest(), "inputs": listing}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
