@@ -280,7 +280,7 @@ class TrainSection(Section):
 
     max_steps: int = Field(200, ge=1)  # optimizer steps
     batch_tokens: int = Field(8192, ge=1)  # global batch in tokens = micro_batch_size * seq_len * accumulation * data-parallel ranks
-    micro_batch_size: int = Field(8, ge=1)  # sequences per forward/backward on one rank
+    micro_batch_size: int = Field(8, ge=1)  # sequences per forward/backward on one rank (at most: see micro_batch_for)
     lr: float = Field(3e-3, gt=0)  # peak learning rate, reached after warmup
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio at max_steps
     warmup_steps: int = Field(20, ge=0)  # linear warmup from 0 (capped at max_steps)
@@ -315,6 +315,12 @@ class TrainSection(Section):
     @property
     def world_size(self) -> int:
         return self.nproc * self.nnodes
+
+    def micro_batch_for(self, seq_len: int, dp: int) -> int:
+        """Sequences one rank runs per forward/backward: micro_batch_size, or the rank's whole share
+        of batch_tokens when that is smaller (the tiny preset's 16 sequences on 2 ranks: 8 each),
+        so that adding ranks keeps the global batch."""
+        return max(1, min(self.micro_batch_size, self.batch_tokens // (seq_len * dp)))
 
     @model_validator(mode="after")
     def _layout(self) -> "TrainSection":

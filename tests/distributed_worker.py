@@ -100,7 +100,7 @@ def run_variant(spec: dict, out_dir: Path, init_from: Path | None) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, model_cfg = train_config(spec, world_size), model_config(spec)
     trainer = Trainer(model_cfg, cfg, seed=SEED, init_from=init_from, loss_fn=next_token_loss)
-    loader = RecordingLoader([token_stream()], SEQ_LEN, cfg.micro_batch_size, seed=SEED,
+    loader = RecordingLoader([token_stream()], SEQ_LEN, trainer.micro_batch_size, seed=SEED,
                              rank=trainer.dp_rank, world_size=trainer.dp_size)
     probe: dict = {}
     task = TrainTask("pretrain", probing(next_token_step, probe), loader, split_batch=lambda batch: batch)
@@ -151,7 +151,7 @@ def run_guard(spec: dict, out_dir: Path, init_from: Path) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = train_config(spec, world_size)
     trainer = Trainer(model_config(spec), cfg, seed=SEED, init_from=init_from)
-    loader = TokenLoader([token_stream()], SEQ_LEN, cfg.micro_batch_size, seed=SEED, rank=trainer.dp_rank,
+    loader = TokenLoader([token_stream()], SEQ_LEN, trainer.micro_batch_size, seed=SEED, rank=trainer.dp_rank,
                          world_size=trainer.dp_size)
     calls = []
 

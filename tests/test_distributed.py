@@ -31,6 +31,8 @@ TWO_PROCESSES = [
     {"name": "zero2", "strategy": "zero2", "micro_batch_size": 4},
     {"name": "zero2_accumulate", "strategy": "zero2", "micro_batch_size": 2},
     {"name": "fsdp", "strategy": "fsdp", "micro_batch_size": 4},
+    # 8 sequences a micro-batch is more than a rank's share of the step: each runs its 4 at once
+    {"name": "fsdp_share", "strategy": "fsdp", "micro_batch_size": 8},
     {"name": "fsdp_accumulate", "strategy": "fsdp", "micro_batch_size": 2},
     {"name": "fsdp_accumulate_sync", "strategy": "fsdp", "micro_batch_size": 2, "grad_sync": "micro_batch"},
     {"name": "fsdp_tied", "strategy": "fsdp", "micro_batch_size": 4, "tie_embeddings": True},

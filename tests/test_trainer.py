@@ -4,6 +4,7 @@ activation checkpointing applied from outside the model."""
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +12,21 @@ import torch
 import torch.nn.functional as F
 from model_fixtures import MODEL, PRETRAIN, synthetic_documents
 
-from llmpipe.config import ModelSection, PretrainSection, TrainSection
+from llmpipe.config import ModelSection, PretrainSection, TrainSection, load
 from llmpipe.data.loader import TokenLoader
 from llmpipe.distributed.parallelize import parallelize
+from llmpipe.errors import BadValue
 from llmpipe.model.release import save_release
 from llmpipe.tracking import NullTracker
-from llmpipe.training.trainer import LoopState, Trainer, TrainTask, build_model, materialize, steady_tokens_per_s
+from llmpipe.training.trainer import (
+    LoopState,
+    Trainer,
+    TrainTask,
+    accumulation_steps,
+    build_model,
+    materialize,
+    steady_tokens_per_s,
+)
 
 
 class ListTracker(NullTracker):
@@ -27,6 +37,9 @@ class ListTracker(NullTracker):
 
     def log_metrics(self, metrics, step=None):
         self.metrics.append((step, dict(metrics)))
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def stream() -> np.ndarray:
@@ -84,6 +97,19 @@ def test_timing_leaves_out_the_first_step_and_the_checkpoint(tmp_path):
     timed = LoopState(train_time_s=10.0, first_step_s=8.0)
     assert steady_tokens_per_s(timed, steps=3, tokens=300) == pytest.approx(100.0)  # 200 tokens in 2 s
     assert steady_tokens_per_s(LoopState(train_time_s=8.0, first_step_s=8.0), steps=1, tokens=100) == 12.5
+
+
+def test_a_rank_runs_at_most_its_share_of_the_batch():
+    """tiny's 16-sequence step on 2 data-parallel ranks: 8 sequences each at once, not 16 each
+    (which would double the batch, or refuse it, as `--set pretrain.nproc=2` once did)."""
+    cfg = load(REPO / "configs/tiny.yaml")
+    train, seq_len = cfg.pretrain, cfg.model.seq_len
+    assert train.micro_batch_for(seq_len, 1) == 16 and train.micro_batch_for(seq_len, 2) == 8
+    assert accumulation_steps(train, train.micro_batch_for(seq_len, 2) * seq_len, dp=2) == 1
+    small = train.model_copy(update={"micro_batch_size": 4})
+    assert small.micro_batch_for(seq_len, 2) == 4 and accumulation_steps(small, 4 * seq_len, dp=2) == 2
+    with pytest.raises(BadValue, match="pretrain.batch_tokens=4096 must be a multiple of"):
+        accumulation_steps(train, train.micro_batch_for(seq_len, 3) * seq_len, dp=3)  # 5 sequences x 3 ranks
 
 
 def test_a_model_starts_from_upstream_weights(tmp_path):

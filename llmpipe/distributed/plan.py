@@ -241,7 +241,7 @@ def _in_flight(layout: Layout, micro_batches: int, stage: int) -> float:
 def micro_batches_per_step(model: ModelSection, train: TrainSection, layout: Layout, world: int) -> int:
     """Micro-batches each data-parallel replica runs per optimizer step (at least 1)."""
     replicas = world // (layout.tp * layout.pp)
-    return max(1, train.batch_tokens // (train.micro_batch_size * model.seq_len * replicas))
+    return max(1, train.batch_tokens // (train.micro_batch_for(model.seq_len, replicas) * model.seq_len * replicas))
 
 
 def _stage_memory(model: ModelSection, train: TrainSection, layout: Layout, world: int, stage: int) -> Memory:
@@ -273,7 +273,7 @@ def _stage_memory(model: ModelSection, train: TrainSection, layout: Layout, worl
         grads = FP32 * psi + buckets
     optimizer = ADAMW_STATES * FP32 * psi / (d if layout.strategy in SHARDED_OPTIMIZER else 1)
 
-    tokens = train.micro_batch_size * model.seq_len
+    tokens = train.micro_batch_for(model.seq_len, d) * model.seq_len
     split, whole = _block_activation_bytes(model, mode)
     full_block = split / tp + whole
     stored_block = _block_input_bytes(model, mode) / tp if layout.activation_checkpointing else full_block
@@ -332,7 +332,7 @@ def step_time_s(model: ModelSection, train: TrainSection, layout: Layout, cluste
     else:
         data_parallel = 0.0
 
-    activation = train.micro_batch_size * model.seq_len * model.d_model * compute_bytes
+    activation = train.micro_batch_for(model.seq_len, d) * model.seq_len * model.d_model * compute_bytes
     # sequence parallel: 2 all-gathers + 2 reduce-scatters per block forward, as many in backward
     collectives = (8 + (4 if layout.activation_checkpointing else 0)) * model.n_layers / pp
     tensor_parallel = micro * collectives * _ring(activation, tp, tp > cluster.gpus_per_node)

@@ -67,20 +67,19 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
     trainer = Trainer(model_cfg, cfg, seed=seed, init_from=init_from, loss_fn=next_token_loss, section="pretrain")
-    main, dp_rank, dp_size = trainer.env.is_main, trainer.dp_rank, trainer.dp_size
+    main, dp_rank, dp_size, micro = trainer.env.is_main, trainer.dp_rank, trainer.dp_size, trainer.micro_batch_size
     config = {"model": model_cfg.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json"), "seed": seed}
 
     train_streams = load_split(shards_dir, "train", verify=verify and main)
     val_streams = load_split(shards_dir, "val", verify=verify and main)
-    train_loader = TokenLoader(train_streams, model_cfg.seq_len, cfg.micro_batch_size, seed=seed,
-                               rank=dp_rank, world_size=dp_size)
+    train_loader = TokenLoader(train_streams, model_cfg.seq_len, micro, seed=seed, rank=dp_rank, world_size=dp_size)
     val_loader, eval_steps = None, 0
-    if sum(max(0, (len(s) - 1) // model_cfg.seq_len) for s in val_streams) >= cfg.micro_batch_size * dp_size:
-        val_loader = TokenLoader(val_streams, model_cfg.seq_len, cfg.micro_batch_size, seed=seed,
+    if sum(max(0, (len(s) - 1) // model_cfg.seq_len) for s in val_streams) >= micro * dp_size:
+        val_loader = TokenLoader(val_streams, model_cfg.seq_len, micro, seed=seed,
                                  rank=dp_rank, world_size=dp_size, shuffle=False)
         # cfg.eval_steps micro-batches of one process, shared by the data-parallel ranks (the same
         # windows on any number of ranks), and never a validation window twice
-        eval_steps = min(-(-cfg.eval_steps // dp_size), val_loader.total_windows // (cfg.micro_batch_size * dp_size))
+        eval_steps = min(-(-cfg.eval_steps // dp_size), val_loader.total_windows // (micro * dp_size))
     fpt = flops_per_token(model_cfg)
     task = TrainTask("pretrain", next_token_step, train_loader, flops_per_token=fpt, val_loader=val_loader,
                      eval_steps=eval_steps, split_batch=lambda batch: batch)

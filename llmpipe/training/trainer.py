@@ -78,7 +78,7 @@ class TrainTask:
 
     name: str  # the stage and its config section ("pretrain"): labels, messages
     step_fn: StepFn
-    train_loader: Loader  # micro-batches of cfg.micro_batch_size sequences of model.seq_len tokens
+    train_loader: Loader  # micro-batches of Trainer.micro_batch_size sequences of model.seq_len tokens
     flops_per_token: float = 0.0  # training FLOPs per token, for MFU
     val_loader: Loader | None = None
     eval_steps: int = 0  # validation micro-batches per evaluation
@@ -231,7 +231,8 @@ class Trainer:
         self.device = self.env.device
         self.dtype = autocast_dtype(cfg.dtype, self.device)
         self.layout = env.Layout.of(cfg.parallel, self.env.world_size)
-        self.tokens_per_micro_batch = cfg.micro_batch_size * model_cfg.seq_len  # on one rank
+        self.micro_batch_size = cfg.micro_batch_for(model_cfg.seq_len, self.layout.dp)  # sequences, on one rank
+        self.tokens_per_micro_batch = self.micro_batch_size * model_cfg.seq_len
         self.accumulation = accumulation_steps(cfg, self.tokens_per_micro_batch, self.layout.dp, section)
         self.mesh = env.build_mesh(self.layout, self.device.type)
         # sharded strategies build on the meta device: a model larger than one host's memory
