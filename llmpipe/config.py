@@ -242,6 +242,9 @@ class ModelSection(Section):
         return self
 
 
+SHARDED_STRATEGIES = ("zero2", "fsdp", "fsdp_tp")  # FSDP2 shards gradients (and parameters) over data parallel
+
+
 class ParallelConfig(Section):
     """How a training stage spreads over its `nproc` processes; applied by llmpipe/distributed.
 
@@ -262,9 +265,9 @@ class ParallelConfig(Section):
 
     @model_validator(mode="after")
     def _grad_sync(self) -> "ParallelConfig":
-        if self.grad_sync == "micro_batch" and self.strategy not in ("zero2", "fsdp", "fsdp_tp"):
+        if self.grad_sync == "micro_batch" and self.strategy not in SHARDED_STRATEGIES:
             raise ValueError(f"grad_sync=micro_batch needs a strategy that shards gradients "
-                             f"(zero2, fsdp or fsdp_tp), not {self.strategy}")
+                             f"({', '.join(SHARDED_STRATEGIES[:-1])} or {SHARDED_STRATEGIES[-1]}), not {self.strategy}")
         return self
 
 

@@ -41,12 +41,10 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from llmpipe.config import TrainSection
+from llmpipe.config import SHARDED_STRATEGIES, TrainSection
 from llmpipe.distributed.env import Layout, local_rank_in, submesh
 from llmpipe.distributed.pipeline import build_schedule, check_pipeline, prune_to_rank
 from llmpipe.distributed.tensor_parallel import apply_tp, loss_context
-
-SHARDED = ("zero2", "fsdp", "fsdp_tp")  # strategies whose parameters are FSDP2 DTensors
 
 
 @dataclass
@@ -163,7 +161,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
     dp_mesh = submesh(mesh, "dp")
     forward: nn.Module | None = model
     mixed_precision = False
-    if dp_mesh is not None and strategy in SHARDED:
+    if dp_mesh is not None and strategy in SHARDED_STRATEGIES:
         mixed_precision = param_dtype is not None
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if mixed_precision \
             else MixedPrecisionPolicy()

@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from llmpipe.config import ModelSection, RunConfig, TrainSection
+from llmpipe.config import SHARDED_STRATEGIES, ModelSection, RunConfig, TrainSection
 from llmpipe.model.model import LOSS_CHUNK_ROWS, flops_per_token, parameter_count
 
 GIB = 2**30
@@ -71,8 +71,7 @@ MFU_GUESS = 0.4  # model FLOPs utilisation of a well-tuned bf16 step
 NVLINK_BYTES_PER_S = 300e9  # collective bus bandwidth per GPU inside a node (H100 NVLink)
 NETWORK_BYTES_PER_S = 40e9  # per GPU between nodes (one 400 Gb/s NIC per GPU)
 
-SHARDED_PARAMS = ("zero2", "fsdp", "fsdp_tp")  # gradients and master weights sharded over d
-SHARDED_OPTIMIZER = ("zero1", *SHARDED_PARAMS)
+SHARDED_OPTIMIZER = ("zero1", *SHARDED_STRATEGIES)
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,7 @@ def precision(train: TrainSection, strategy: str) -> str:
     """fp32 on the CPU; on GPUs "bf16" (FSDP mixed precision) for the sharded strategies, "autocast" else."""
     if train.dtype == "float32" or train.device == "cpu":
         return "fp32"
-    return "bf16" if strategy in SHARDED_PARAMS else "autocast"
+    return "bf16" if strategy in SHARDED_STRATEGIES else "autocast"
 
 
 # --- sizes -------------------------------------------------------------------------------------
@@ -256,7 +255,7 @@ def _stage_memory(model: ModelSection, train: TrainSection, layout: Layout, worl
     psi = (blocks * sizes.block + (own_table if first else 0) + (sizes.head if last else 0)) / tp
     matmul = (blocks * sizes.block + (sizes.embedding if last else 0)) / tp  # what autocast casts
 
-    if layout.strategy in SHARDED_PARAMS:
+    if layout.strategy in SHARDED_STRATEGIES:
         if layout.strategy == "zero2":
             gathered = psi
         else:
@@ -324,7 +323,7 @@ def step_time_s(model: ModelSection, train: TrainSection, layout: Layout, cluste
         data_parallel = _ring(2 * gradients, d, dp_crosses)  # all-reduce
     elif layout.strategy == "zero1":
         data_parallel = _ring(3 * gradients, d, dp_crosses)  # all-reduce, then the updated shards broadcast
-    elif layout.strategy in SHARDED_PARAMS:  # reduce-scatter + parameter all-gathers every micro-batch
+    elif layout.strategy in SHARDED_STRATEGIES:  # reduce-scatter + parameter all-gathers every micro-batch
         gathers = 1 if layout.strategy == "zero2" else 2  # fsdp gathers again for backward
         reductions = micro if layout.grad_sync == "micro_batch" else 1
         data_parallel = (reductions * _ring(gradients, d, dp_crosses)
@@ -364,7 +363,7 @@ def candidate_layouts(model: ModelSection, train: TrainSection, world: int) -> l
         if model.n_layers >= world * v:
             shapes.append(Layout("pp", pp=world, pp_schedule="interleaved_1f1b", pp_virtual_stages=v))
     shapes += [replace(s, grad_sync="micro_batch") for s in shapes  # accumulating: when to reduce-scatter
-               if s.strategy in SHARDED_PARAMS and micro_batches_per_step(model, train, s, world) > 1]
+               if s.strategy in SHARDED_STRATEGIES and micro_batches_per_step(model, train, s, world) > 1]
     return [replace(s, activation_checkpointing=ac) for s in shapes for ac in (False, True)]
 
 

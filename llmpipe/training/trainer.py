@@ -37,10 +37,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from llmpipe.config import ModelSection, TrainSection
+from llmpipe.config import SHARDED_STRATEGIES, ModelSection, TrainSection
 from llmpipe.distributed import env
 from llmpipe.distributed.checkpoint import full_model_state, load_full_model_state
-from llmpipe.distributed.parallelize import SHARDED, ParallelModel, parallelize
+from llmpipe.distributed.parallelize import ParallelModel, parallelize
 from llmpipe.errors import BadValue, UserError
 from llmpipe.faults import fault_point
 from llmpipe.model.model import Transformer
@@ -240,10 +240,10 @@ class Trainer:
         # shard would get the same numbers (duplicate heads, rows); CPU ranks build the whole model
         # seeded, as one process does, and parallelize keeps their pieces
         on_meta = self.env.world_size > 1 and self.device.type == "cuda" and (
-            cfg.parallel.strategy in SHARDED or self.layout.tp > 1 or self.layout.pp > 1)
+            cfg.parallel.strategy in SHARDED_STRATEGIES or self.layout.tp > 1 or self.layout.pp > 1)
         torch.manual_seed(seed)
         model = build_model(model_cfg, "meta" if on_meta else self.device, None if on_meta else init_from)
-        fsdp_bf16 = self.dtype if cfg.parallel.strategy in SHARDED and self.device.type == "cuda" else None
+        fsdp_bf16 = self.dtype if cfg.parallel.strategy in SHARDED_STRATEGIES and self.device.type == "cuda" else None
         self.parallel: ParallelModel = parallelize(model, self.mesh, cfg, device=self.device, param_dtype=fsdp_bf16,
                                                    loss_fn=loss_fn, pp_microbatches=self.accumulation)
         if on_meta:
