@@ -9,7 +9,7 @@ does the stage use what the `__init__` gathers. So adding a module that nothing 
 editing one the stage never reaches, leaves the stage cached.
 
 Some modules are left out on purpose, as none of them can change a stage's outputs:
-`llmpipe.config` (what it decides is the resolved config, which the config hash covers, so
+`llmpipe.config` and its section modules (what it decides is the resolved config, which the config hash covers, so
 adding another stage's section does not rerun every stage), `llmpipe.stages` (the executor and
 the registry), and `llmpipe.console`, `llmpipe.progress`, `llmpipe.tracking` (what the terminal
 and MLflow show).
@@ -80,7 +80,8 @@ def _imports(module: str, path: Path, root: Path) -> tuple[set[str], set[str]]:
 
 def _counts(module: str) -> bool:
     """Inside llmpipe and part of a stage's computation."""
-    return (module == PACKAGE or module.startswith(PACKAGE + ".")) and module not in NOT_CODE
+    return (module == PACKAGE or module.startswith(PACKAGE + ".")) and not any(
+        module == name or module.startswith(name + ".") for name in NOT_CODE)
 
 
 def module_closure(modules: list[str], root: Path | None = None) -> list[Path]:

@@ -32,6 +32,7 @@ from typing import Any, Callable
 from llmpipe import code_version as code_versions
 from llmpipe import console, io
 from llmpipe.config import RunConfig, TrainSection, dump
+from llmpipe.context import StageContext
 from llmpipe.errors import UserError
 from llmpipe.faults import fault_point
 from llmpipe.paths import MANIFEST, RunDir
@@ -254,18 +255,6 @@ def is_current(name: str, config: RunConfig, key: str) -> bool:
 
 
 # --- running -----------------------------------------------------------------------------------
-
-
-@dataclass
-class StageContext:
-    """What a stage function gets besides its own config sections."""
-
-    name: str
-    run_dir: RunDir
-    out_dir: Path  # the stage's folder; it is empty unless a resumable run left state here
-    seed: int
-    inputs: dict[str, Path] = field(default_factory=dict)  # input name -> the folder (or file) to read
-    tracker: Tracker = field(default_factory=NullTracker)
 
 
 # MLflow creates a dataset row on first use without a lock: two branches reading the same

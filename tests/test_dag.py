@@ -136,7 +136,7 @@ def test_code_version_covers_what_a_stage_imports(source_copy):
     assert before == _versions(code_version.SOURCE_ROOT)  # the copy has the same version: paths are relative
 
     (source_copy / "llmpipe/training/dpo.py").write_text("import llmpipe.model.model\n")
-    for edited in ("model/generate.py", "generate.py", "cli.py", "config.py", "console.py"):
+    for edited in ("model/generate.py", "generate.py", "cli.py", "config/__init__.py", "config/training.py", "console.py"):
         _edit(source_copy / "llmpipe" / edited)
     assert _versions(source_copy) == before
 

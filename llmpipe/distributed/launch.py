@@ -34,7 +34,7 @@ from typing import Callable
 from llmpipe import io
 from llmpipe.config import RunConfig
 from llmpipe.errors import UserError
-from llmpipe.stages import StageContext
+from llmpipe.context import StageContext
 from llmpipe.supervise import supervised
 
 LAUNCH_DIR = ".launch"

@@ -22,7 +22,8 @@ from llmpipe.config import validate
 from llmpipe.distributed import env
 from llmpipe.distributed.launch import LaunchFiles
 from llmpipe.paths import RunDir
-from llmpipe.stages import STAGES, StageContext
+from llmpipe.context import StageContext
+from llmpipe.stages import STAGES
 from llmpipe.supervise import die_with_parent
 from llmpipe.tracking import MlflowTracker, NullTracker, Tracker
 

@@ -20,7 +20,7 @@ from llmpipe.config import ModelSection, PretrainSection
 from llmpipe.data.loader import TokenLoader
 from llmpipe.data.shards import load_split
 from llmpipe.model.model import flops_per_token, next_token_loss, parameter_count
-from llmpipe.stages import StageContext
+from llmpipe.context import StageContext
 from llmpipe.tracking import NullTracker, Tracker
 from llmpipe.training.trainer import (
     Trainer,

@@ -1,0 +1,100 @@
+"""Post-training: which methods are in the graph, the instruction data, SFT and DPO."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BeforeValidator, Field, field_validator
+
+from llmpipe.config.base import Section
+from llmpipe.config.training import TrainSection
+
+ALIGN_METHODS = ("dpo", "ppo")  # post-training methods built on sft
+
+
+class AlignSection(Section):
+    """Which post-training stages are in the graph: sft always; reward and ppo with ppo; dpo with dpo."""
+
+    methods: list[Literal[ALIGN_METHODS]] = list(ALIGN_METHODS)  # e.g. [dpo]; [] stops after sft
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a method is listed twice")
+        return value
+
+
+def _paths(value: Any) -> list[Path] | None:
+    """A path or a list of paths (files, or `datasets` folders) -> a list of existing paths."""
+    if value is None:
+        return None
+    paths = [Path(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise ValueError(f"path does not exist: {', '.join(missing)}")
+    if not paths:
+        raise ValueError("an empty list; leave the key out to use the instruct stage's files")
+    return paths
+
+
+DataPaths = Annotated[list[Path] | None, BeforeValidator(_paths)]
+
+INSTRUCT_TASKS = ("add", "subtract", "multiply", "reverse", "uppercase", "count", "sort_words")
+
+
+class InstructSection(Section):
+    """The default instruction data, made offline: the installed standard library's documentation
+    and verifiable tasks whose answers the checker computes. Owned by llmpipe/alignment/instruct.py."""
+
+    doc_examples: int = Field(1500, ge=0)  # conversations about documented standard-library objects
+    task_examples: int = Field(1500, ge=0)  # verifiable tasks (tasks below), each with its checked answer
+    tasks: list[Literal[INSTRUCT_TASKS]] = list(INSTRUCT_TASKS)  # kinds of verifiable task
+    max_operand: int = Field(99, ge=1)  # arithmetic operands are drawn from 0..max_operand
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)  # share of questions held out, chosen by hash
+    modules: list[str] = []  # standard-library modules documented; empty: every public module pydoc lists
+
+
+class PostTrainSection(TrainSection):
+    """What SFT, DPO (and the reward model, PPO) add to the shared training keys: their data.
+    Batches count tokens as in pretraining: batch_tokens = sequences per step * model.seq_len."""
+
+    data: DataPaths = None  # training rows: JSONL, Parquet or a `datasets` folder; unset: the instruct stage's
+    heldout_data: DataPaths = None  # held-out rows, same formats; unset: the instruct stage's
+    max_steps: int = Field(100, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(25, ge=0)
+    checkpoint_every: int = Field(25, ge=0)
+    spike_factor: float = Field(0.0, ge=0)  # off: post-training losses fall fast and legitimately jump
+
+
+class SFTSection(PostTrainSection):
+    """Supervised fine-tuning on conversations, loss on assistant tokens. Owned by llmpipe/alignment/sft.py."""
+
+    packing: bool = True  # short examples share a row; attention and positions restart per example
+    max_length: int | None = Field(None, ge=8)  # tokens per rendered example; longer rows are skipped; None: model.seq_len
+    eval_prompts: int = Field(200, ge=0)  # held-out verifiable prompts answered greedily at the end (task accuracy)
+    max_new_tokens: int = Field(32, ge=1)  # answer length limit for that check
+
+
+class DPOReferenceSection(Section):
+    """The reference (SFT) log-probs of every preference pair, computed once. Its cache key covers
+    the reference weights, the preference data and the rendering, not DPO's own keys."""
+
+    execution_fields: ClassVar[frozenset[str]] = frozenset({"micro_batch_size", "device"})
+
+    max_length: int | None = Field(None, ge=8)  # tokens of prompt + longer completion; longer pairs skipped; None: model.seq_len
+    micro_batch_size: int = Field(16, ge=1)  # pairs per forward
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DPOSection(PostTrainSection):
+    """Direct preference optimisation against the cached reference. Owned by llmpipe/alignment/dpo.py."""
+
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # -logsigmoid(beta * margin) (DPO) or (margin - 1/(2 beta))^2 (IPO)
+    beta: float = Field(0.1, gt=0)  # strength of the implicit KL constraint to the reference
+    max_steps: int = Field(60, ge=1)
+    lr: float = Field(3e-4, gt=0)

@@ -1,0 +1,23 @@
+"""What a stage function receives besides its config sections: a module of its own, so that the
+stage modules, the executor (`llmpipe.stages`) and the torchrun launcher all import it without
+importing each other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmpipe.paths import RunDir
+from llmpipe.tracking import NullTracker, Tracker
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets besides its own config sections."""
+
+    name: str
+    run_dir: RunDir
+    out_dir: Path  # the stage's folder; it is empty unless a resumable run left state here
+    seed: int
+    inputs: dict[str, Path | list[Path]] = field(default_factory=dict)  # input name -> folder, file or files to read
+    tracker: Tracker = field(default_factory=NullTracker)
