@@ -137,3 +137,48 @@ def test_chunked_loss_equals_cross_entropy_of_the_logits(chunk_rows):
     torch.testing.assert_close(grads, (x.grad, weight.grad), rtol=1e-5, atol=1e-7)
     with torch.no_grad():  # evaluation: the same loss, no gradients computed
         assert LinearCrossEntropy.apply(x, weight, targets, chunk_rows, False).item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def _small_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelSection(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                                    seq_len=32)).eval()
+
+
+def test_packed_examples_see_neither_each_other_nor_shifted_positions():
+    """Two examples packed in one row (segments, positions restarting) give each one's own logits."""
+    model = _small_model()
+    a, b = torch.randint(0, 320, (1, 7)), torch.randint(0, 320, (1, 11))
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.tensor([[1] * 7 + [2] * 11])
+    positions = torch.cat([torch.arange(7), torch.arange(11)])[None]
+    with torch.no_grad():
+        logits = model(packed, positions=positions, segments=segments)
+        alone = torch.cat([model(a), model(b)], dim=1)
+        unmasked = model(packed)
+    torch.testing.assert_close(logits, alone, atol=1e-5, rtol=0)
+    assert (unmasked[:, 7:] - alone[:, 7:]).abs().max() > 1e-3  # without the mask b would see a
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone():
+    model = _small_model(1)
+    prompts = [torch.randint(3, 320, (n,)) for n in (3, 9, 6)]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.full((width - len(p),), 1), p]) for p in prompts])
+    mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts])
+    batched = generate(model, ids, 8, temperature=0, prompt_mask=mask)
+    for row, prompt in enumerate(prompts):
+        assert batched[row].tolist() == generate(model, prompt[None], 8, temperature=0)[0].tolist()
+    assert generate(model, ids, 8, temperature=0, prompt_mask=mask, use_cache=False).tolist() == batched.tolist()
+
+
+def test_a_stopped_row_is_padded_and_tokens_stream_as_made():
+    model = _small_model(2)
+    ids = torch.randint(3, 320, (2, 5))
+    free = generate(model, ids, 6, temperature=0)
+    stop = int(free[0, 0])  # row 0 stops at its first token
+    seen = []
+    out = generate(model, ids, 6, temperature=0, stop_id=stop, pad_id=1, on_token=lambda t: seen.append(t.clone()))
+    assert out[0, 0] == stop and set(out[0, 1:].tolist()) == {1}
+    assert (out[1] == free[1, :out.size(1)]).all() or stop in free[1].tolist()
+    assert torch.cat(seen, dim=1).tolist() == out.tolist()

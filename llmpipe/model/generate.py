@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from llmpipe.model.model import Transformer
@@ -30,33 +32,51 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 @torch.no_grad()
 def generate(model: Transformer, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-             stop_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
+             stop_id: int | None = None, use_cache: bool = True, prompt_mask: torch.Tensor | None = None,
+             pad_id: int | None = None, on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Continue the prompts idx (B, T) by up to max_new_tokens; returns only the new ids (B, N).
 
-    The prompt is cropped on the left so prompt + completion fit the context. Generation stops
-    early when every row has produced `stop_id` (which is included in the output).
+    Prompts of different lengths come left-padded with `prompt_mask` (B, T) True on real tokens:
+    each row then gets its own positions (from 0 at its first real token) and never attends to
+    its padding, as transformers' `generate` does with an attention mask. The prompt is cropped
+    on the left so prompt + completion fit the context. A row that produced `stop_id` (included
+    in its output) is filled with `pad_id` (default `stop_id`) after it; generation ends when
+    every row has stopped. `on_token(ids (B, 1))` sees each new token as it is made (streaming).
     """
     model.eval()
     context = model.cfg.seq_len
     max_new_tokens = min(max_new_tokens, context - 1)
     idx = idx[:, -(context - max_new_tokens):]  # (B, T)
-    cache = model.new_cache(idx.size(0), idx.size(1) + max_new_tokens) if use_cache else None
+    B, T = idx.shape
+    positions = segments = None
+    if prompt_mask is not None:
+        prompt_mask = prompt_mask[:, -idx.size(1):].to(idx.device)
+        segments = prompt_mask.long()  # padding is segment 0, the prompt and its continuation 1
+        positions = (segments.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+    cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
+    fill = stop_id if pad_id is None else pad_id
     out = []
-    finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     seq = idx
-    logits = model(idx, cache=cache)[:, -1, :]  # (B, V)
+    logits = model(idx, cache=cache, positions=positions, segments=segments)[:, -1, :]  # (B, V)
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
-        out.append(nxt)
         if stop_id is not None:
+            nxt = torch.where(finished[:, None], torch.full_like(nxt, fill), nxt)
             finished |= nxt[:, 0] == stop_id
-            if bool(finished.all()):
-                break
-        if len(out) == max_new_tokens:
+        out.append(nxt)
+        if on_token is not None:
+            on_token(nxt)
+        if (stop_id is not None and bool(finished.all())) or len(out) == max_new_tokens:
             break
+        if positions is not None:
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+            segments = torch.cat([segments, torch.ones_like(nxt)], dim=1)
         if cache is not None:
-            logits = model(nxt, cache=cache)[:, -1, :]
+            step_pos = None if positions is None else positions[:, -1:]
+            step_seg = None if segments is None else segments[:, -1:]
+            logits = model(nxt, cache=cache, positions=step_pos, segments=step_seg)[:, -1, :]
         else:  # recompute the whole sequence: the reference the cache must agree with
             seq = torch.cat([seq, nxt], dim=1)
-            logits = model(seq)[:, -1, :]
+            logits = model(seq, positions=positions, segments=segments)[:, -1, :]
     return torch.cat(out, dim=1) if out else idx[:, :0]

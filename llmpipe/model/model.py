@@ -108,13 +108,15 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding, preallocated to `max_len`."""
+    """Keys and values of every layer for incremental decoding, preallocated to `max_len`, and the
+    segment id of every stored token (see `Transformer.forward`)."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_size: int,
                  device=None, dtype=torch.float32):
         shape = (batch, n_kv_heads, max_len, head_size)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.segments = torch.zeros(batch, max_len, dtype=torch.long, device=device)  # (B, max_len)
         self.pos = 0  # tokens already stored
         self.max_len = max_len
 
@@ -126,6 +128,21 @@ class KVCache:
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nkv, pos+T, hs)
+
+
+def attention_mask(segments: torch.Tensor | None, T: int, start: int = 0,
+                   key_segments: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Which keys each query sees, (B, 1, T, start+T) bool, or None for plain causal attention.
+
+    Query i (absolute slot start+i) sees key j <= start+i of the same segment: examples packed
+    into one row never see each other, and left padding (segment 0) is invisible to the tokens
+    after it. `key_segments` (B, start+T): the segments of every key, cached ones included.
+    """
+    if segments is None:
+        return None
+    keys = segments if key_segments is None else key_segments
+    causal = torch.ones(T, start + T, dtype=torch.bool, device=segments.device).tril(diagonal=start)
+    return (causal & (segments[:, :, None] == keys[:, None, :]))[:, None]  # (B, 1, T, start+T)
 
 
 class CausalSelfAttention(nn.Module):
@@ -141,7 +158,8 @@ class CausalSelfAttention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_size, cfg.d_model, bias=False)
         self.wo.residual_projection = True  # init scaled by 1/sqrt(2 * n_layers)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         # head counts come from the tensors: under tensor parallelism a rank holds nh/tp and nkv/tp heads
         q = self.wq(x).view(B, T, -1, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
@@ -149,16 +167,17 @@ class CausalSelfAttention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = k.shape[1] != q.shape[1]
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, nh, T, hs)
-        else:
+        if cache is not None:
             start = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, nkv, start+T, hs)
-            if T == 1:  # one new query sees the whole cache: no mask (is_causal would hide all but key 0)
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
-            else:  # query i (absolute position start+i) sees keys 0..start+i
+            if mask is None and T > 1:  # query i (absolute position start+i) sees keys 0..start+i
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            # T == 1 without a mask: one new query sees the whole cache (is_causal would hide all but key 0)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, C)
         return self.wo(y)
 
@@ -185,8 +204,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)
         x = x + self.mlp(self.mlp_norm(x))
         return x
 
@@ -233,22 +253,32 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight  # (V, C)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T); with targets (B, T), the mean cross-entropy instead.
 
         Targets equal to -1 are ignored. With a cache, idx holds the tokens after cache.pos. A
         pipeline stage without `tok_emb` takes the hidden state (B, T, C) as idx; one without
-        `norm_f` returns the hidden state.
+        `norm_f` returns the hidden state. `positions` (B, T): each token's rotary position
+        (default: its slot, from cache.pos on); `segments` (B, T): a token attends only to earlier
+        tokens of its own segment (packed examples, left padding). Without either, plain causal.
         """
         B, T = idx.shape[:2]
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
+        if positions is None:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
+        else:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, hs)
+        key_segments = None
+        if cache is not None and segments is not None:
+            cache.segments[:, start:start + T] = segments
+            key_segments = cache.segments[:, :start + T]  # (B, start+T)
+        mask = attention_mask(segments, T, start, key_segments)
         x = self.tok_emb(idx) if self.tok_emb is not None else idx  # (B, T, C)
         for block in self.trf_blocks.values():
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, mask)
         if cache is not None:
             cache.pos += T
         if self.norm_f is None:
