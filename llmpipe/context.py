@@ -21,3 +21,17 @@ class StageContext:
     seed: int
     inputs: dict[str, Path | list[Path]] = field(default_factory=dict)  # input name -> folder, file or files to read
     tracker: Tracker = field(default_factory=NullTracker)
+
+
+def encode_inputs(inputs: dict[str, Path | list[Path]]) -> dict[str, str | list[str]]:
+    """`StageContext.inputs` as JSON (a worker's job file)."""
+    return {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in inputs.items()}
+
+
+def decode_inputs(inputs: dict[str, str | list[str]]) -> dict[str, Path | list[Path]]:
+    return {k: [Path(p) for p in v] if isinstance(v, list) else Path(v) for k, v in inputs.items()}
+
+
+def as_paths(value: Path | list[Path]) -> list[Path]:
+    """An input that may be one path (an upstream file) or several (the config's list)."""
+    return list(value) if isinstance(value, list) else [Path(value)]

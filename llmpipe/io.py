@@ -75,3 +75,17 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def verify_listed(folder: str | Path, name: str) -> Path:
+    """`folder`/`name`, after checking its sha256 against the stage manifest in `folder` (the
+    manifest is written last, so a file it lists was complete); raises `ChecksumError` otherwise."""
+    folder = Path(folder)
+    manifest = folder / "manifest.json"
+    files = json.loads(manifest.read_text())["files"] if manifest.is_file() else {}
+    if name not in files:
+        raise ChecksumError(f"{folder / name} is not listed in {manifest}: its stage did not complete")
+    if not (folder / name).is_file():
+        raise ChecksumError(f"{folder / name}: listed in {manifest} but missing")
+    verify_sha256(folder / name, files[name]["sha256"])
+    return folder / name

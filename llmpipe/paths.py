@@ -7,6 +7,9 @@
       tokenizer/tokenizer.json    tokenizer: BPE + tokenizer_config.json (chat template)
       shard/{train,val}_NNNNN.arrow  shard: token ids, Arrow IPC stream
       pretrain/checkpoints/step_NNNNNNN/  pretrain: model, optimizer, loader and RNG state
+      instruct/{sft,preferences,prompts}/{train,heldout}.jsonl  instruct: the default post-training data
+      sft/, dpo/                  like pretrain/: checkpoints/, then model.safetensors + model_config.json
+      dpo_reference/{reference,heldout}_logps.arrow  the SFT model's log-probs of each preference pair
       <stage>/manifest.json       written last: the stage's completion marker
       logs/<stage>.log            everything a stage printed or logged (the console shows a summary)
 """
@@ -55,6 +58,17 @@ class RunDir:
     @property
     def shards_dir(self) -> Path:
         return self.stage("shard")
+
+    def instruct_file(self, kind: str, split: str) -> Path:
+        """instruct/<kind>/<split>.jsonl: kind sft, preferences or prompts; split train or heldout."""
+        return self.stage("instruct") / kind / f"{split}.jsonl"
+
+    sft_train_file = property(lambda self: self.instruct_file("sft", "train"))
+    sft_heldout_file = property(lambda self: self.instruct_file("sft", "heldout"))
+    preferences_train_file = property(lambda self: self.instruct_file("preferences", "train"))
+    preferences_heldout_file = property(lambda self: self.instruct_file("preferences", "heldout"))
+    prompts_train_file = property(lambda self: self.instruct_file("prompts", "train"))
+    prompts_heldout_file = property(lambda self: self.instruct_file("prompts", "heldout"))
 
     def checkpoints_dir(self, phase: str) -> Path:
         return self.stage(phase) / "checkpoints"

@@ -32,7 +32,7 @@ from typing import Any, Callable
 from llmpipe import code_version as code_versions
 from llmpipe import console, io
 from llmpipe.config import RunConfig, TrainSection, dump
-from llmpipe.context import StageContext
+from llmpipe.context import StageContext, as_paths
 from llmpipe.errors import UserError
 from llmpipe.faults import fault_point
 from llmpipe.paths import MANIFEST, RunDir
@@ -59,7 +59,8 @@ class Input:
     output: str | None = None  # the RunDir property naming that output; None: the stage's whole folder
     field: str | None = None  # "section.key" of a config path that, when set, replaces the upstream output
 
-    def external(self, config: RunConfig) -> Path | None:
+    def external(self, config: RunConfig) -> Path | list[Path] | None:
+        """The config's path (or list of paths) for this input, when the config gives one."""
         if self.field is None:
             return None
         section, key = self.field.split(".")
@@ -75,6 +76,8 @@ class Stage:
     methods: tuple[str, ...] = ()  # align.methods that put it in the graph; empty: always in it
     resumable: bool = False  # keep partial outputs of an interrupted run with the same cache key
     code: tuple[str, ...] = ()  # modules it starts by name (`python -m`), which no import reaches
+    fingerprint_python: bool = False  # its outputs depend on the Python version (what it reads of the stdlib)
+    own_process: bool = False  # computes with torch: runs in a worker process, one such stage at a time
     summary: tuple[str, ...] = ()  # the counts the console shows when it ends
 
     def enabled(self, config: RunConfig) -> bool:
@@ -96,7 +99,7 @@ class Stage:
         for name, spec in self.active_inputs(config).items():
             external = spec.external(config)
             if external is not None:
-                paths[name] = Path(external)
+                paths[name] = external
             elif spec.stage is None:
                 raise StageError(f"stage {self.name!r} needs {spec.field} (a path) in the config")
             else:
@@ -125,7 +128,27 @@ STAGES: dict[str, Stage] = {
               summary=("train_tokens", "val_tokens", "train_shards")),
         Stage("pretrain", "llmpipe.training.pretrain:pretrain_stage", ("model", "pretrain"),
               inputs={"tokenizer": Input("tokenizer", "tokenizer_dir"), "shards": Input("shard", "shards_dir")},
-              resumable=True, summary=("steps", "train_loss", "val_loss", "tokens_per_s")),
+              resumable=True, own_process=True, summary=("steps", "train_loss", "val_loss", "tokens_per_s")),
+        Stage("instruct", "llmpipe.alignment.instruct:instruct_stage", ("instruct",), fingerprint_python=True,
+              summary=("sft_train", "preferences_train", "prompts_train")),
+        Stage("sft", "llmpipe.alignment.sft:sft_stage", ("model", "sft"),
+              inputs={"base": Input("pretrain"), "tokenizer": Input("tokenizer", "tokenizer_dir"),
+                      "data": Input("instruct", "sft_train_file", field="sft.data"),
+                      "heldout": Input("instruct", "sft_heldout_file", field="sft.heldout_data"),
+                      "prompts": Input("instruct", "prompts_heldout_file")},
+              resumable=True, own_process=True, summary=("steps", "heldout_loss_base", "heldout_loss", "task_accuracy_base",
+                                       "task_accuracy")),
+        Stage("dpo_reference", "llmpipe.alignment.dpo_reference:reference_stage", ("model", "dpo_reference"),
+              inputs={"reference": Input("sft"), "tokenizer": Input("tokenizer", "tokenizer_dir"),
+                      "data": Input("instruct", "preferences_train_file", field="dpo.data"),
+                      "heldout": Input("instruct", "preferences_heldout_file", field="dpo.heldout_data")},
+              methods=("dpo",), own_process=True, summary=("train_pairs", "heldout_pairs", "heldout_pref_accuracy")),
+        Stage("dpo", "llmpipe.alignment.dpo:dpo_stage", ("model", "dpo"),
+              inputs={"sft": Input("sft"), "reference": Input("dpo_reference"),
+                      "tokenizer": Input("tokenizer", "tokenizer_dir"),
+                      "data": Input("instruct", "preferences_train_file", field="dpo.data"),
+                      "heldout": Input("instruct", "preferences_heldout_file", field="dpo.heldout_data")},
+              methods=("dpo",), resumable=True, own_process=True, summary=("steps", "pref_accuracy_sft", "pref_accuracy")),
     ]
 }
 
@@ -200,7 +223,10 @@ def code_version(stage: Stage, root: Path | None = None) -> str:
 
 
 def config_hash(stage: Stage, config: RunConfig) -> str:
-    return _sha256_json({"seed": config.run.seed, **{s: config.section(s).cache_dump() for s in stage.sections}})
+    hashed = {"seed": config.run.seed, **{s: config.section(s).cache_dump() for s in stage.sections}}
+    if stage.fingerprint_python:
+        hashed["python"] = platform.python_version()
+    return _sha256_json(hashed)
 
 
 def directory_fingerprint(path: Path) -> str:
@@ -219,8 +245,8 @@ def read_manifest(run_dir: RunDir, stage: str) -> dict:
 
 def external_fingerprints(config: RunConfig, names: list[str]) -> dict[str, str]:
     """{path: fingerprint} of the config-given inputs of these stages, each hashed once however many read it."""
-    paths = {str(spec.external(config)) for name in names for spec in STAGES[name].active_inputs(config).values()
-             if spec.external(config) is not None}
+    paths = {str(path) for name in names for spec in STAGES[name].active_inputs(config).values()
+             if spec.external(config) is not None for path in as_paths(spec.external(config))}
     return {path: directory_fingerprint(Path(path)) for path in sorted(paths)}
 
 
@@ -231,11 +257,12 @@ def input_fingerprints(stage: Stage, config: RunConfig, external: dict[str, str]
     stage.input_paths(config)  # a required config path that is not set fails here, naming the key
     prints = {}
     for name, spec in stage.active_inputs(config).items():
-        path = spec.external(config)
-        if path is None:
+        given = spec.external(config)
+        if given is None:
             prints[name] = read_manifest(run_dir, spec.stage)["fingerprint"]
         else:
-            prints[name] = external.get(str(path)) or directory_fingerprint(path)
+            each = [external.get(str(path)) or directory_fingerprint(path) for path in as_paths(given)]
+            prints[name] = each[0] if not isinstance(given, list) else _sha256_json(each)
     return prints
 
 
@@ -321,14 +348,23 @@ def _git_commit() -> str | None:
         return None
 
 
+# Stages that compute with the model run one at a time, each in a process of its own: torch's
+# global seed and thread count belong to a process, so a training stage beside another in this
+# process's threads (`run.max_parallel_stages`) would get numbers that depend on its neighbour,
+# and two at once would each spawn a thread per core.
+_MODEL_STAGES = threading.Lock()
+
+
 def _call_stage_function(stage: Stage, ctx: StageContext, sections: list, config: RunConfig) -> dict:
-    """Run the stage's function in this process, or in `nproc` torchrun workers for a training stage."""
-    nproc = max((s.nproc for s in sections if isinstance(s, TrainSection)), default=1)
-    if nproc == 1:
+    """Run the stage's function in this process, or, for a stage that computes with torch, in a
+    worker process (`nproc` torchrun workers for a training stage with nproc > 1)."""
+    if not stage.own_process:
         return stage.function()(ctx, *sections)
     from llmpipe.distributed.launch import run_workers  # only here: the package may import torch
 
-    return run_workers(ctx, config, nproc)
+    nproc = max((s.nproc for s in sections if isinstance(s, TrainSection)), default=1)
+    with _MODEL_STAGES:
+        return run_workers(ctx, config, nproc)
 
 
 @dataclass

@@ -136,14 +136,19 @@ def test_code_version_covers_what_a_stage_imports(source_copy):
     assert before == _versions(code_version.SOURCE_ROOT)  # the copy has the same version: paths are relative
 
     (source_copy / "llmpipe/training/dpo.py").write_text("import llmpipe.model.model\n")
-    for edited in ("model/generate.py", "generate.py", "cli.py", "config/__init__.py", "config/training.py", "console.py"):
+    for edited in ("generate.py", "cli.py", "config/__init__.py", "config/training.py", "console.py"):
         _edit(source_copy / "llmpipe" / edited)
     assert _versions(source_copy) == before
 
     _edit(source_copy / "llmpipe/model/model.py")
     after = _versions(source_copy)
     assert after["pretrain"] != before["pretrain"]
-    assert {name for name in before if after[name] == before[name]} == {"crawl", "prepare", "tokenizer", "shard"}
+    assert {name for name in before if after[name] == before[name]} == {"crawl", "prepare", "tokenizer", "shard",
+                                                                        "instruct"}
+
+    _edit(source_copy / "llmpipe/model/generate.py")  # greedy answers: SFT's task accuracy, not pretraining
+    edited = _versions(source_copy)
+    assert edited["sft"] != after["sft"] and edited["pretrain"] == after["pretrain"]
 
     _edit(source_copy / "llmpipe/data/_crawl_scrapy.py")  # started as `python -m`, listed in the registry
     assert _versions(source_copy)["crawl"] != before["crawl"]

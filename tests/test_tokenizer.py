@@ -110,7 +110,7 @@ def test_transformers_loads_offline_and_applies_the_chat_template(trained):
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
     text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == chat.render(messages, add_generation_prompt=True)
-    assert text == ("<|system|>Be brief.<|end|><|user|>Hi 🎉<|end|><|assistant|>Hello.<|end|>"
+    assert text == ("<|endoftext|><|system|>Be brief.<|end|><|user|>Hi 🎉<|end|><|assistant|>Hello.<|end|>"
                     "<|user|>Bye<|end|><|assistant|>")
     ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
     ids = list(ids["input_ids"]) if isinstance(ids, dict) else list(ids)

@@ -115,3 +115,55 @@ class TokenLoader:
             if state[key] != getattr(self, key):
                 raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has {getattr(self, key)}")
         self.epoch, self.position = state["epoch"], state["position"]
+
+
+class RowLoader:
+    """Micro-batches of whole examples (SFT rows, preference pairs), in the same seeded global
+    order and with the same rank slicing and state as `TokenLoader`: `collate(items)` turns this
+    rank's `batch_size` items into a batch. The items are held in memory (post-training data is
+    small next to a pretraining corpus)."""
+
+    def __init__(self, items: Sequence, batch_size: int, collate, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if not items:
+            raise ValueError("no rows to load")
+        self.items, self.batch_size, self.collate = list(items), batch_size, collate
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.total_rows = len(self.items)
+        self.epoch, self.position = 0, 0
+        self._order: tuple[int, Permutation] | None = None
+
+    def _index(self, epoch: int, position: int) -> int:
+        if not self.shuffle:
+            return position
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, Permutation(self.total_rows, _mix(self.seed, epoch)))
+        return self._order[1](position)
+
+    def next_items(self) -> list:
+        """This rank's slice of the next `batch_size * world_size` items of the global order."""
+        chosen = []
+        for i in range(self.batch_size * self.world_size):
+            if i // self.batch_size == self.rank:
+                chosen.append(self.items[self._index(self.epoch, self.position)])
+            self.position += 1
+            if self.position == self.total_rows:
+                self.epoch, self.position = self.epoch + 1, 0
+        return chosen
+
+    def next_batch(self):
+        return self.collate(self.next_items())
+
+    def rewind(self) -> None:
+        self.epoch, self.position = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "total_rows": self.total_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "total_rows"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has {getattr(self, key)}")
+        self.epoch, self.position = state["epoch"], state["position"]

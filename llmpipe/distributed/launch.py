@@ -34,7 +34,7 @@ from typing import Callable
 from llmpipe import io
 from llmpipe.config import RunConfig
 from llmpipe.errors import UserError
-from llmpipe.context import StageContext
+from llmpipe.context import StageContext, encode_inputs
 from llmpipe.supervise import supervised
 
 LAUNCH_DIR = ".launch"
@@ -73,7 +73,10 @@ class LaunchFiles:
 
 
 def torchrun_command(job: Path, nproc: int) -> list[str]:
-    """`torchrun` through this interpreter; `--standalone` picks a free port, so jobs never clash."""
+    """`torchrun` through this interpreter; `--standalone` picks a free port, so jobs never clash.
+    One process needs no rendezvous: the worker is started directly, as rank 0 of 1."""
+    if nproc == 1:
+        return [sys.executable, "-m", WORKER_MODULE, str(job)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", WORKER_MODULE, str(job)]
 
@@ -81,6 +84,8 @@ def torchrun_command(job: Path, nproc: int) -> list[str]:
 def worker_env(nproc: int) -> dict[str, str]:
     """Unbuffered output, so lines arrive as they are printed; the cores shared out between workers."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if nproc == 1:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return env
 
@@ -91,7 +96,7 @@ def run_workers(ctx: StageContext, config: RunConfig, nproc: int,
     files = LaunchFiles.of(ctx.out_dir)
     shutil.rmtree(files.root, ignore_errors=True)  # an earlier attempt's errors are not this one's
     io.write_json(files.job, {"stage": ctx.name, "config": config.model_dump(mode="json"),
-                              "out_dir": str(ctx.out_dir), "inputs": {k: str(v) for k, v in ctx.inputs.items()},
+                              "out_dir": str(ctx.out_dir), "inputs": encode_inputs(ctx.inputs),
                               "tracking": {"uri": ctx.tracker.uri, "run_id": ctx.tracker.run_id}})
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     with supervised(torchrun_command(files.job, nproc), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -22,7 +22,7 @@ from llmpipe.config import validate
 from llmpipe.distributed import env
 from llmpipe.distributed.launch import LaunchFiles
 from llmpipe.paths import RunDir
-from llmpipe.context import StageContext
+from llmpipe.context import StageContext, decode_inputs
 from llmpipe.stages import STAGES
 from llmpipe.supervise import die_with_parent
 from llmpipe.tracking import MlflowTracker, NullTracker, Tracker
@@ -39,7 +39,7 @@ def run_job(job: dict, rank: int) -> dict:
     stage = STAGES[job["stage"]]
     tracker = tracker_for_rank(rank, job["tracking"])
     ctx = StageContext(name=stage.name, run_dir=RunDir(config.run_dir), out_dir=Path(job["out_dir"]),
-                       seed=config.run.seed, inputs={k: Path(v) for k, v in job["inputs"].items()}, tracker=tracker)
+                       seed=config.run.seed, inputs=decode_inputs(job["inputs"]), tracker=tracker)
     try:
         result = stage.function()(ctx, *[config.section(name) for name in stage.sections]) or {}
     finally:
