@@ -98,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float)
     generate.add_argument("--seed", type=int, default=0)
 
+    chat = commands.add_parser("chat", help="talk with a stage's model (sft, dpo, ...): replies streamed, turns kept")
+    chat.add_argument("--run-dir", type=Path, required=True)
+    chat.add_argument("--stage", default="sft", help="any completed stage with release weights")
+    chat.add_argument("--prompt", help="answer this one message, print only the reply, and exit")
+    chat.add_argument("--system", help="a system message that opens the conversation")
+    chat.add_argument("--max-new-tokens", type=int, help="longest reply (default: 256 or half the context)")
+    chat.add_argument("--temperature", type=float, help="0 = greedy (default: 0.7)")
+    chat.add_argument("--top-k", type=int, help="sample from the k likeliest tokens (default: all)")
+    chat.add_argument("--top-p", type=float, help="sample from the likeliest tokens covering p (default: 0.9)")
+    chat.add_argument("--seed", type=int, default=0)
+
     serve = commands.add_parser("serve", help="register a scheduled deployment (needs `prefect server start`)")
     _add_config_args(serve)
     serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
@@ -213,6 +224,18 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from llmpipe.chat import answer_once, chat_loop, load_session
+
+    given = {key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_k", "top_p")}
+    session = load_session(args.run_dir, args.stage, system=args.system, seed=args.seed,
+                           **{key: value for key, value in given.items() if value is not None})  # else the library's defaults
+    if args.prompt is not None:
+        answer_once(session, args.prompt)
+        return 0
+    return chat_loop(session)
+
+
 def _deployment_parameters(args: argparse.Namespace, config: configlib.RunConfig) -> dict:
     """The flow's parameters for every run of a deployment: absolute paths, as runs start elsewhere."""
     plan_stages(config, args.until)  # an unknown or disabled stage fails now, not at 3 a.m.
@@ -256,7 +279,7 @@ def _plan(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": _run, "export": _export, "generate": _generate, "serve": _serve,
-               "deploy": _deploy, "plan": _plan}.get(args.command, _run_stage)
+               "deploy": _deploy, "plan": _plan, "chat": _chat}.get(args.command, _run_stage)
     try:
         return handler(args)
     except UserError as err:

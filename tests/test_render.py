@@ -68,7 +68,7 @@ def test_a_packed_batch_has_the_token_weighted_loss_of_its_examples(encoder):
     for example in examples:  # one by one, no padding at all
         one = padded([example])
         n = int((one["targets"] != -1).sum())
-        total += float(model(one["input_ids"], one["targets"])) * n
+        total += model(one["input_ids"], one["targets"]).item() * n
         count += n
     assert abs(float(packed_loss) - total / count) < 1e-5
 

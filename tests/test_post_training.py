@@ -1,0 +1,139 @@
+"""SFT, the DPO reference cache and DPO as stages on a tiny CPU model: caching, exact resume,
+a file killed while written, and what their numbers mean."""
+
+import json
+import os
+
+import pyarrow as pa
+import pytest
+import torch
+from model_fixtures import MODEL, PRETRAIN, VOCAB, make_run_dir
+from safetensors.torch import load_file
+
+from llmpipe import stages
+from llmpipe.alignment.dpo_reference import HELDOUT_FILE, TRAIN_FILE, read_table
+from llmpipe.alignment.sft import run_sft
+from llmpipe.config import validate
+from llmpipe.context import as_paths
+from llmpipe.io import ChecksumError
+from llmpipe.paths import RunDir
+
+POST_MODEL = {**MODEL, "seq_len": 96}
+TRAIN = dict(batch_tokens=4 * 96, micro_batch_size=2, warmup_steps=1, eval_every=3, checkpoint_every=3,
+             log_every=2, peak_flops=1e11)
+SECTIONS = {
+    "instruct": {"doc_examples": 0, "task_examples": 120, "tasks": ["add", "reverse", "uppercase"]},
+    "sft": {**TRAIN, "max_steps": 6, "lr": 3e-3, "eval_prompts": 8, "max_new_tokens": 8},
+    "dpo": {**TRAIN, "max_steps": 6, "lr": 1e-3},
+}
+
+
+def config_for(run_dir, **overrides):
+    tree = {"run": {"name": "t", "seed": 7, "run_dir": str(run_dir)}, "tokenizer": {"vocab_size": VOCAB},
+            "model": POST_MODEL, "pretrain": {**PRETRAIN, "batch_tokens": 2 * 96, "max_steps": 4},
+            "align": {"methods": ["dpo"]}, **{k: dict(v) for k, v in SECTIONS.items()}}
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        tree[section][key] = value
+    return validate(tree)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """tokenizer, shards, a 4-step pretrained model and the instruction data: what sft reads."""
+    run_dir = make_run_dir(tmp_path_factory.mktemp("post") / "run")
+    config = config_for(run_dir)
+    for name in ("pretrain", "instruct"):
+        stages.execute(name, config)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def sft_run(base_run):
+    stages.execute("sft", config_for(base_run))
+    return base_run
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sft_reports_heldout_loss_and_task_accuracy_of_both_models(sft_run):
+    counts = json.loads(RunDir(sft_run).manifest("sft").read_text())["counts"]
+    assert counts["steps"] == 6 and counts["examples"] > 0 and counts["rows"] < counts["examples"]  # packed
+    assert counts["heldout_loss"] < counts["heldout_loss_base"]  # six steps already lower it
+    assert 0 <= counts["task_accuracy"] <= 1 and 0 <= counts["task_accuracy_base"] <= 1
+    assert counts["task_prompts"] == 8
+
+
+def test_sft_killed_midway_resumes_to_the_uninterrupted_weights(sft_run, tmp_path):
+    config, run = config_for(sft_run), RunDir(sft_run)
+    sft = stages.get_stage("sft")
+    inputs = sft.input_paths(config)
+    common = dict(init_from=inputs["base"] / "model.safetensors", tokenizer_dir=inputs["tokenizer"],
+                  data=as_paths(inputs["data"]), heldout=as_paths(inputs["heldout"]),
+                  prompts=as_paths(inputs["prompts"]), seed=7)
+    part = run_sft(config.model, config.sft, out_dir=tmp_path / "sft", stop_after=4, **common)  # killed after step 4
+    assert part["steps"] == 4 and not (tmp_path / "sft" / "model.safetensors").exists()
+    resumed = run_sft(config.model, config.sft, out_dir=tmp_path / "sft", **common)
+    assert resumed["resumed_from_step"] == 3
+    assert _same_weights(tmp_path / "sft", run.stage("sft"))
+    assert resumed["heldout_loss"] == json.loads(run.manifest("sft").read_text())["counts"]["heldout_loss"]
+
+
+def test_dpo_reference_cache_and_dpo(sft_run):
+    config, run = config_for(sft_run), RunDir(sft_run)
+    reference = stages.execute("dpo_reference", config).manifest
+    table = read_table(run.stage("dpo_reference"), TRAIN_FILE)
+    assert table.schema.names == ["index", "chosen_logp", "rejected_logp"]
+    assert table.schema.field("index").type == pa.int64() and table.schema.field("chosen_logp").type == pa.float64()
+    assert table.num_rows == reference["counts"]["train_pairs"] > 0
+    assert {TRAIN_FILE, HELDOUT_FILE} <= set(reference["files"])
+    dpo = stages.execute("dpo", config).manifest["counts"]
+    assert dpo["steps"] == 6 and 0 <= dpo["pref_accuracy"] <= 1
+    assert dpo["pref_accuracy_sft"] == reference["counts"]["heldout_pref_accuracy"]
+
+
+def test_changing_beta_or_lr_reruns_dpo_alone(sft_run):
+    base = config_for(sft_run)
+    for override in ({"dpo.beta": 0.5}, {"dpo.lr": 5e-4}):
+        changed = config_for(sft_run, **override)
+        for name, rerun in (("dpo_reference", False), ("dpo", True)):
+            stage = stages.get_stage(name)
+            same = stages.config_hash(stage, base) == stages.config_hash(stage, changed)
+            assert same != rerun, (override, name)
+
+
+def test_dpo_reference_killed_while_writing_leaves_no_file_and_reruns_to_the_same_bytes(sft_run):
+    from llmpipe.distributed.launch import WorkerFailed
+
+    config, run = config_for(sft_run), RunDir(sft_run)
+    stages.execute("dpo_reference", config)
+    before = (run.stage("dpo_reference") / TRAIN_FILE).read_bytes()
+    os.environ["LLMPIPE_FAULT"] = "dpo_reference:wrote_reference_logps"  # SIGKILL the worker before its rename
+    try:
+        with pytest.raises(WorkerFailed, match="SIGKILL"):
+            stages.execute("dpo_reference", config)
+    finally:
+        del os.environ["LLMPIPE_FAULT"]
+    folder = run.stage("dpo_reference")
+    assert not (folder / "manifest.json").exists() and not (folder / TRAIN_FILE).exists()
+    stages.execute("dpo_reference", config)
+    assert (folder / TRAIN_FILE).read_bytes() == before
+
+
+def test_a_flipped_byte_in_the_reference_cache_is_never_trained_on(sft_run, tmp_path):
+    import shutil
+
+    folder = tmp_path / "dpo_reference"
+    shutil.copytree(RunDir(sft_run).stage("dpo_reference"), folder)
+    data = bytearray((folder / TRAIN_FILE).read_bytes())
+    data[len(data) // 2] ^= 1
+    (folder / TRAIN_FILE).write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="checksum mismatch"):
+        read_table(folder, TRAIN_FILE)
