@@ -195,6 +195,8 @@ def conversation(row: Any) -> list[dict]:
         _require(row, "prompt", "completion")
         return _messages(row["prompt"], "prompt", "user") + _completion(row["completion"], "completion")
     _require(row, "messages")
+    if not isinstance(row["messages"], list):
+        raise RowError("messages is not a list of messages")
     messages = _messages(row["messages"], "messages", "user")
     assistant = [m for m in messages if m["role"] == "assistant"]
     if not assistant:

@@ -187,6 +187,7 @@ def encode_pairs(encoder: ChatEncoder, pairs: list, max_length: int, counts) -> 
             counts.skip(f"longer than max_length={max_length} tokens", pair.source)
         else:
             kept.append(EncodedPair(pair.index, prompt, chosen, rejected))
+    counts.require_rows(kept)
     return kept
 
 

@@ -48,6 +48,7 @@ def encode_conversations(encoder: ChatEncoder, conversations: list, max_length: 
             counts.skip(f"longer than max_length={max_length} tokens", conversation.source)
         else:
             kept.append(encoded)
+    counts.require_rows(kept)
     return kept
 
 
