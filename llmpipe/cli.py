@@ -23,25 +23,17 @@ from pathlib import Path
 
 from llmpipe import config as configlib
 from llmpipe import console
-from llmpipe.errors import BadValue, UserError
-from llmpipe.stages import STAGES, StagesFailed, plan_stages, stage_names
-
-EXIT_USER_ERROR = 2
-EXIT_STAGE_FAILED = 1
-
-
-def _add_config_args(parser: argparse.ArgumentParser, run_dir_required: bool = False) -> None:
-    parser.add_argument("--config", required=True, type=Path, help="YAML config, e.g. configs/tiny.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value (parsed as YAML); repeatable")
-    parser.add_argument("--run-dir", type=Path, required=run_dir_required,
-                        help="run directory (default: runs/<run.name>)")
-
-
-def _training_section(stage: str) -> str | None:
-    """The stage's training section (a TrainSection: nproc, parallel), if it is a training stage."""
-    fields = configlib.RunConfig.model_fields
-    return next((s for s in STAGES[stage].sections if issubclass(fields[s].annotation, configlib.TrainSection)), None)
+from llmpipe.errors import BadValue
+from llmpipe.runner import (
+    add_config_args,
+    add_stage_args,
+    add_verbose,
+    handle_errors,
+    load_config,
+    quiet_library_consoles,
+    run_stage,
+)
+from llmpipe.stages import plan_stages, stage_names
 
 
 def _stage_list(text: str) -> list[str]:
@@ -53,35 +45,22 @@ def _stage_list(text: str) -> list[str]:
     return names
 
 
-def _add_verbose(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", "-v", action="store_true",
-                        help="show everything stages print and log (default: a line per stage; the rest is in "
-                             "runs/<name>/logs/<stage>.log)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmpipe", description="From raw web pages to a trained language model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the pipeline as a Prefect flow (tracked, cached, resumable)")
-    _add_config_args(run)
+    add_config_args(run)
     run.add_argument("--until", type=_stage_list, metavar="STAGE[,STAGE...]",
                      help="run these stages and what they need, nothing else (e.g. dpo,ppo)")
     run.add_argument("--only", choices=stage_names(), metavar="STAGE",
                      help="run this stage alone in the flow, its inputs taken from the run directory")
     run.add_argument("--force", action="append", default=[], choices=stage_names(), metavar="STAGE",
                      help="rerun this stage even if its cache is valid; repeatable")
-    _add_verbose(run)
+    add_verbose(run)
 
     for name in stage_names():
-        stage = commands.add_parser(name, help=f"run the {name} stage alone, without Prefect")
-        _add_config_args(stage)
-        section = _training_section(name)
-        if section:
-            stage.add_argument("--nproc", type=int, metavar="N",
-                               help=f"processes on this node (torchrun workers when > 1); as --set {section}.nproc=N")
-            stage.set_defaults(training_section=section)
-        _add_verbose(stage)
+        add_stage_args(commands.add_parser(name, help=f"run the {name} stage alone, without Prefect"), name)
 
     export = commands.add_parser("export", help="write a Hugging Face folder from a training stage")
     export.add_argument("--run-dir", type=Path, required=True)
@@ -110,13 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=0)
 
     serve = commands.add_parser("serve", help="register a scheduled deployment (needs `prefect server start`)")
-    _add_config_args(serve)
+    add_config_args(serve)
     serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
     serve.add_argument("--name", help="deployment name (default: run.name)")
     serve.add_argument("--until", type=_stage_list, metavar="STAGE[,STAGE...]", help="each run stops after these")
 
     deploy = commands.add_parser("deploy", help="register a deployment on a work pool (needs a Prefect server)")
-    _add_config_args(deploy)
+    add_config_args(deploy)
     deploy.add_argument("--pool", required=True, help="work pool name; its workers run the flow")
     deploy.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *" (default: runs only when triggered)')
     deploy.add_argument("--name", help="deployment name (default: run.name)")
@@ -132,13 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(args: argparse.Namespace) -> configlib.RunConfig:
-    overrides = list(args.overrides)
-    if getattr(args, "nproc", None) is not None:
-        overrides.append(f"{args.training_section}.nproc={args.nproc}")
-    return configlib.load(args.config, overrides, args.run_dir)
-
-
 def set_orchestration_defaults() -> None:
     """Prefect's embedded API keeps its database under the project, with a start-up timeout long
     enough for a fresh database on 2 cores; MLflow and Prefect stay quiet about telemetry."""
@@ -147,14 +119,6 @@ def set_orchestration_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-
-
-def quiet_library_consoles(verbose: bool) -> None:
-    """Prefect's own log lines go to its API (the UI shows them), MLflow's info lines nowhere; on
-    the terminal only with --verbose. Set before either is imported: both read these at import."""
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -182,31 +146,6 @@ def _print_summary(config: configlib.RunConfig, summary: dict) -> None:
     print(f"  UI:          mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
     print(f"Prefect run:   {summary['flow_run_id']}")
     print(f"  UI:          PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start   (then http://127.0.0.1:4200)")
-
-
-def stage_main(name: str, argv: list[str] | None = None) -> None:
-    """Entry point of `python -m <stage module>`: the same as `llmpipe <name> ...`."""
-    sys.exit(main([name, *(sys.argv[1:] if argv is None else argv)]))
-
-
-def _run_stage(args: argparse.Namespace) -> int:
-    from llmpipe import stages, tracking
-
-    config = load_config(args)
-    quiet_library_consoles(args.verbose)
-    console.install(args.verbose)
-    uri = tracking.tracking_uri(config.run_dir.parent)
-    experiment = tracking.init_store(uri, config.run_dir.parent)
-    tracker = tracking.MlflowTracker(uri, experiment, run_name=args.command,
-                                     tags={"llmpipe.stage": args.command, "llmpipe.run": config.run.name})
-    try:
-        stages.execute(args.command, config, tracker)
-    except BaseException:
-        tracker.close("FAILED")
-        raise
-    tracker.close()
-    print(f"outputs: {config.run_dir / args.command}")
-    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -279,18 +218,8 @@ def _plan(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": _run, "export": _export, "generate": _generate, "serve": _serve,
-               "deploy": _deploy, "plan": _plan, "chat": _chat}.get(args.command, _run_stage)
-    try:
-        return handler(args)
-    except UserError as err:
-        print(f"llmpipe {args.command}: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except StagesFailed as err:
-        print(f"llmpipe {args.command}: {err}", file=sys.stderr)
-        return EXIT_STAGE_FAILED
-    except KeyboardInterrupt:
-        print(f"llmpipe {args.command}: interrupted", file=sys.stderr)
-        return 130
+               "deploy": _deploy, "plan": _plan, "chat": _chat}.get(args.command, run_stage)
+    return handle_errors(args.command, lambda: handler(args))
 
 
 if __name__ == "__main__":

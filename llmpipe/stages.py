@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import graphlib
 import hashlib
+import heapq
 import importlib
 import json
 import platform
@@ -160,7 +161,8 @@ def get_stage(name: str) -> Stage:
 
 
 def _topological(graph: dict[str, tuple[str, ...]]) -> list[str]:
-    """`graph`'s nodes, each after its dependencies; ties in registry order, so the order is stable."""
+    """`graph`'s nodes, each after its dependencies; of the stages ready, the first registered goes
+    first (so the default data for post-training comes after pretraining, as it is registered)."""
     sorter = graphlib.TopologicalSorter(graph)
     try:
         sorter.prepare()
@@ -168,10 +170,13 @@ def _topological(graph: dict[str, tuple[str, ...]]) -> list[str]:
         raise StageError(f"the stages form a cycle: {' -> '.join(err.args[1])}") from None
     rank = {name: i for i, name in enumerate(STAGES)}
     order: list[str] = []
+    ready: list[tuple[int, str]] = []
     while sorter.is_active():
-        ready = sorted(sorter.get_ready(), key=rank.__getitem__)
-        order += ready
-        sorter.done(*ready)
+        for name in sorter.get_ready():
+            heapq.heappush(ready, (rank[name], name))
+        _, name = heapq.heappop(ready)
+        order.append(name)
+        sorter.done(name)
     return order
 
 

@@ -46,3 +46,38 @@ def test_model_is_independent_of_training_and_tracking():
     offenders = [str(p) for p in _library_files("llmpipe/model")
                  if any(n.startswith(("llmpipe.training", "llmpipe.tracking", "mlflow")) for n in _imports(p))]
     assert offenders == []
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """llmpipe module -> the llmpipe modules it imports anywhere in its text (lazy imports count:
+    they are circles that only wait for the right call); `from package import submodule` too."""
+    files = {_module_name(p): p for p in _library_files()}
+    graph = {}
+    for name, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def test_no_import_circle_inside_the_library():
+    import graphlib
+
+    try:
+        tuple(graphlib.TopologicalSorter(_import_graph()).static_order())
+    except graphlib.CycleError as err:
+        raise AssertionError(f"import circle: {' -> '.join(err.args[1])}") from None
+
+
+def test_the_library_never_imports_its_cli():
+    offenders = [name for name, targets in _import_graph().items() if "llmpipe.cli" in targets]
+    assert offenders == []

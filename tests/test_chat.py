@@ -9,7 +9,7 @@ from model_fixtures import MODEL, write_tokenizer
 
 from llmpipe import io
 from llmpipe.alignment.render import ChatEncoder
-from llmpipe.chat import ChatSession, TextStream, chat_loop, load_session
+from llmpipe.chat import TextStream, chat_loop, load_session
 from llmpipe.cli import build_parser, main
 from llmpipe.config import ModelSection
 from llmpipe.errors import BadValue

@@ -405,6 +405,6 @@ def _reset_crawl_state(warc_dir: Path, state_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    from llmpipe.cli import stage_main
+    from llmpipe.runner import stage_main
 
     stage_main("crawl")

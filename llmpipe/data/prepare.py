@@ -351,6 +351,6 @@ def prepare_stage(ctx, cfg: PrepareSection) -> dict:
 
 
 if __name__ == "__main__":
-    from llmpipe.cli import stage_main
+    from llmpipe.runner import stage_main
 
     stage_main("prepare")

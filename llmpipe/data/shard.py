@@ -210,6 +210,6 @@ def shard_stage(ctx, cfg: ShardSection) -> dict:
 
 
 if __name__ == "__main__":
-    from llmpipe.cli import stage_main
+    from llmpipe.runner import stage_main
 
     stage_main("shard")

@@ -7,6 +7,7 @@ is created and every collective below is the identity, so one process runs the s
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -60,7 +61,15 @@ def is_main() -> bool:
 
 
 def destroy() -> None:
+    """Leave the process group, once every rank is done with its collectives.
+
+    Collect garbage first: a wrapped model that only a reference cycle keeps alive (an exception's
+    traceback holds the trainer's frames) still holds the group and gloo work objects; freed at
+    interpreter exit instead, their threads abort the process (SIGABRT, "terminate called without
+    an active exception") after it has finished its work.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

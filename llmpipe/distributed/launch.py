@@ -33,8 +33,8 @@ from typing import Callable
 
 from llmpipe import io
 from llmpipe.config import RunConfig
-from llmpipe.errors import UserError
 from llmpipe.context import StageContext, encode_inputs
+from llmpipe.errors import UserError
 from llmpipe.supervise import supervised
 
 LAUNCH_DIR = ".launch"

@@ -59,9 +59,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     for block in model.trf_blocks.values():
         parallelize_module(block, tp_mesh, {
             "attn_norm": SequenceParallel(),
-            # attn(x, cos, sin, cache): only x is distributed; gathered once for wq, wk and wv
-            "attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
-                                       desired_input_layouts=(Replicate(), None, None, None)),
+            # attn(x, cos, sin, cache, mask): only x is distributed; gathered once for wq, wk and wv
+            "attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
+                                       desired_input_layouts=(Replicate(), None, None, None, None)),
             "attn.wq": ColwiseParallel(),
             "attn.wk": ColwiseParallel(),
             "attn.wv": ColwiseParallel(),

@@ -15,14 +15,15 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from llmpipe import io
 from llmpipe.config import validate
+from llmpipe.context import StageContext, decode_inputs
 from llmpipe.distributed import env
 from llmpipe.distributed.launch import LaunchFiles
 from llmpipe.paths import RunDir
-from llmpipe.context import StageContext, decode_inputs
 from llmpipe.stages import STAGES
 from llmpipe.supervise import die_with_parent
 from llmpipe.tracking import MlflowTracker, NullTracker, Tracker
@@ -58,7 +59,13 @@ def main(job_path: str) -> None:
     except Exception as err:
         io.write_json(files.error(rank), {"rank": rank, "error": f"{type(err).__name__}: {err}".splitlines()[0],
                                           "time": time.time()})
-        raise
+        # Exit now, without interpreter finalization: the process group is still up (a peer may
+        # be in a collective with us, so it is not destroyed), and gloo's threads freed during
+        # finalization abort the process, turning a clear error into a SIGABRT.
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     io.write_json(files.result(rank), result)
 
 

@@ -140,6 +140,6 @@ def tokenizer_stage(ctx, cfg: TokenizerSection) -> dict:
 
 
 if __name__ == "__main__":
-    from llmpipe.cli import stage_main
+    from llmpipe.runner import stage_main
 
     stage_main("tokenizer")

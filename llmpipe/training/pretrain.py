@@ -17,10 +17,10 @@ import torch
 
 from llmpipe import io
 from llmpipe.config import ModelSection, PretrainSection
+from llmpipe.context import StageContext
 from llmpipe.data.loader import TokenLoader
 from llmpipe.data.shards import load_split
 from llmpipe.model.model import flops_per_token, next_token_loss, parameter_count
-from llmpipe.context import StageContext
 from llmpipe.tracking import NullTracker, Tracker
 from llmpipe.training.trainer import (
     Trainer,
@@ -131,6 +131,6 @@ def pretrain_stage(ctx: StageContext, model_cfg: ModelSection, cfg: PretrainSect
 
 
 if __name__ == "__main__":
-    from llmpipe.cli import stage_main
+    from llmpipe.runner import stage_main
 
     stage_main("pretrain")
