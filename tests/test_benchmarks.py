@@ -25,6 +25,10 @@ CASES = {
                                [r"^\s+tiny llama\s+eager .* flash/fused$",  # SDPA's flash kernel, fused AdamW
                                 r"llama/gpt2 eager\s+\d+\.\d+x"]),
     "scaling.py": (["--strategies", "ddp", "--nproc", "1", "--steps", "2"], [r"^ddp\s+1\s+\d+\s+[\d,]+\s"]),
+    "post_training.py": (["--steps", "1", "--warmup", "1", "--repeats", "1", "--examples", "60"],
+                         [r"^sft packed\s+\d+\.\d+\s+[\d,]+", r"^dpo cached reference\s+\d+\.\d+"]),
+    "chat_generation.py": (["--batches", "1,2", "--new-tokens", "8", "--warmup", "1", "--repeats", "1", "--rounds", "1"],
+                           [r"^llmpipe\s+2\s+[\d,]+", r"^llmpipe/transformers batch\s+2:\s+\d+\.\d+x"]),
 }
 
 
