@@ -70,7 +70,7 @@ def test_a_packed_batch_has_the_token_weighted_loss_of_its_examples(encoder):
         n = int((one["targets"] != -1).sum())
         total += model(one["input_ids"], one["targets"]).item() * n
         count += n
-    assert abs(float(packed_loss) - total / count) < 1e-5
+    assert abs(packed_loss.item() - total / count) < 1e-5
 
 
 def test_completion_logp_counts_the_tokens_after_the_generation_prompt(encoder):
