@@ -30,10 +30,9 @@ from llmpipe.errors import UserError
 from llmpipe.model.release import CONFIG, WEIGHTS, load_config, write_safetensors
 from llmpipe.paths import MANIFEST, RunDir
 from llmpipe.tokenizer.chat import CHAT_TEMPLATE
-from llmpipe.tokenizer.special import END_OF_TURN, EOT, EOT_ID, PAD, PAD_ID, SPECIAL_TOKENS
+from llmpipe.tokenizer.special import END_OF_TURN, END_OF_TURN_ID, EOT, EOT_ID, PAD, PAD_ID
 
-END_ID = SPECIAL_TOKENS.index(END_OF_TURN)  # every llmpipe tokenizer has the special tokens first, in order
-STOP_IDS = [EOT_ID, END_ID]  # end of document, end of turn
+STOP_IDS = [EOT_ID, END_OF_TURN_ID]  # end of document, end of turn
 
 # our name -> Hugging Face Llama name; {i} is the layer index
 _BLOCK_NAMES = {
@@ -124,7 +123,7 @@ def copy_tokenizer(tokenizer_dir: Path, out: Path) -> list[str]:
 def with_leading_eot(tokenizer: Tokenizer) -> Tokenizer:
     """The tokenizer, its encodings opened by `<|endoftext|>` when special tokens are added (the
     default of `tokenizer(text)` in transformers); without them, ids are unchanged."""
-    if tokenizer.token_to_id(EOT) != EOT_ID or tokenizer.token_to_id(END_OF_TURN) != END_ID \
+    if tokenizer.token_to_id(EOT) != EOT_ID or tokenizer.token_to_id(END_OF_TURN) != END_OF_TURN_ID \
             or tokenizer.token_to_id(PAD) != PAD_ID:
         raise UserError("the tokenizer's special tokens are not llmpipe's (train it with the tokenizer stage)")
     template = processors.TemplateProcessing(single=f"{EOT} $A", pair=f"{EOT} $A {EOT} $B:1",
