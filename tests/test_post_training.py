@@ -12,9 +12,7 @@ from safetensors.torch import load_file
 
 from llmpipe import stages
 from llmpipe.alignment.dpo_reference import HELDOUT_FILE, TRAIN_FILE, read_table
-from llmpipe.alignment.sft import run_sft
 from llmpipe.config import validate
-from llmpipe.context import as_paths
 from llmpipe.io import ChecksumError
 from llmpipe.paths import RunDir
 
@@ -54,6 +52,14 @@ def sft_run(base_run):
     return base_run
 
 
+@pytest.fixture(scope="module")
+def dpo_run(sft_run):
+    config = config_for(sft_run)
+    for name in ("dpo_reference", "dpo"):
+        stages.execute(name, config)
+    return sft_run
+
+
 def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
@@ -71,32 +77,59 @@ def test_sft_reports_heldout_loss_and_task_accuracy_of_both_models(sft_run):
     assert counts["task_prompts"] == 8
 
 
+def _copy_run(run_dir, to, without=()):
+    """A copy of a run directory, minus the stage folders `without` (their stages then run again)."""
+    import fnmatch
+    import shutil
+
+    def top_level(folder, names):
+        return [n for n in names if folder == str(run_dir) and any(fnmatch.fnmatch(n, w) for w in without)]
+
+    shutil.copytree(run_dir, to, ignore=top_level)
+    return to
+
+
+def _killed_then_resumed(name, config, fault):
+    """Run stage `name` with `LLMPIPE_FAULT=fault` (its worker SIGKILLed), then again: the resumed run's counts."""
+    from llmpipe.distributed.launch import WorkerFailed
+
+    os.environ["LLMPIPE_FAULT"] = fault
+    try:
+        with pytest.raises(WorkerFailed, match="SIGKILL"):
+            stages.execute(name, config)
+    finally:
+        del os.environ["LLMPIPE_FAULT"]
+    assert not RunDir(config.run_dir).manifest(name).exists()
+    return stages.execute(name, config).manifest["counts"]
+
+
 def test_sft_killed_midway_resumes_to_the_uninterrupted_weights(sft_run, tmp_path):
-    config, run = config_for(sft_run), RunDir(sft_run)
-    sft = stages.get_stage("sft")
-    inputs = sft.input_paths(config)
-    common = dict(init_from=inputs["base"] / "model.safetensors", tokenizer_dir=inputs["tokenizer"],
-                  data=as_paths(inputs["data"]), heldout=as_paths(inputs["heldout"]),
-                  prompts=as_paths(inputs["prompts"]), seed=7)
-    part = run_sft(config.model, config.sft, out_dir=tmp_path / "sft", stop_after=4, **common)  # killed after step 4
-    assert part["steps"] == 4 and not (tmp_path / "sft" / "model.safetensors").exists()
-    resumed = run_sft(config.model, config.sft, out_dir=tmp_path / "sft", **common)
-    assert resumed["resumed_from_step"] == 3
-    assert _same_weights(tmp_path / "sft", run.stage("sft"))
-    assert resumed["heldout_loss"] == json.loads(run.manifest("sft").read_text())["counts"]["heldout_loss"]
+    run_dir = _copy_run(sft_run, tmp_path / "run", without=("sft", "dpo*"))
+    counts = _killed_then_resumed("sft", config_for(run_dir), "sft:step_4")  # SIGKILL after step 4's update
+    assert counts["resumed_from_step"] == 3 and counts["steps"] == 6  # checkpoint_every 3
+    assert _same_weights(RunDir(run_dir).stage("sft"), RunDir(sft_run).stage("sft"))
+    assert counts["heldout_loss"] == json.loads(RunDir(sft_run).manifest("sft").read_text())["counts"]["heldout_loss"]
 
 
-def test_dpo_reference_cache_and_dpo(sft_run):
-    config, run = config_for(sft_run), RunDir(sft_run)
-    reference = stages.execute("dpo_reference", config).manifest
+def test_dpo_reference_cache_and_dpo(dpo_run):
+    run = RunDir(dpo_run)
+    reference = json.loads(run.manifest("dpo_reference").read_text())
     table = read_table(run.stage("dpo_reference"), TRAIN_FILE)
     assert table.schema.names == ["index", "chosen_logp", "rejected_logp"]
     assert table.schema.field("index").type == pa.int64() and table.schema.field("chosen_logp").type == pa.float64()
     assert table.num_rows == reference["counts"]["train_pairs"] > 0
     assert {TRAIN_FILE, HELDOUT_FILE} <= set(reference["files"])
-    dpo = stages.execute("dpo", config).manifest["counts"]
+    dpo = json.loads(run.manifest("dpo").read_text())["counts"]
     assert dpo["steps"] == 6 and 0 <= dpo["pref_accuracy"] <= 1
     assert dpo["pref_accuracy_sft"] == reference["counts"]["heldout_pref_accuracy"]
+
+
+def test_dpo_killed_midway_resumes_to_the_uninterrupted_weights(dpo_run, tmp_path):
+    run_dir = _copy_run(dpo_run, tmp_path / "run", without=("dpo",))
+    counts = _killed_then_resumed("dpo", config_for(run_dir), "dpo:step_5")
+    assert counts["resumed_from_step"] == 3 and counts["steps"] == 6
+    assert _same_weights(RunDir(run_dir).stage("dpo"), RunDir(dpo_run).stage("dpo"))
+    assert counts["pref_accuracy"] == json.loads(RunDir(dpo_run).manifest("dpo").read_text())["counts"]["pref_accuracy"]
 
 
 def test_changing_beta_or_lr_reruns_dpo_alone(sft_run):
@@ -137,3 +170,25 @@ def test_a_flipped_byte_in_the_reference_cache_is_never_trained_on(sft_run, tmp_
     (folder / TRAIN_FILE).write_bytes(bytes(data))
     with pytest.raises(ChecksumError, match="checksum mismatch"):
         read_table(folder, TRAIN_FILE)
+
+
+def _max_weight_difference(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["sft", "dpo"])
+def test_two_fsdp_processes_train_what_one_process_trains(dpo_run, tmp_path, name):
+    """torchrun with FSDP on 2 processes (each a half of every global batch) against one process."""
+    run_dir = _copy_run(dpo_run, tmp_path / "run", without=("sft", "dpo*") if name == "sft" else ("dpo",))
+    config = config_for(run_dir, **{f"{name}.nproc": 2, f"{name}.parallel": {"strategy": "fsdp"}})
+    counts = stages.execute(name, config).manifest["counts"]
+    single = json.loads(RunDir(dpo_run).manifest(name).read_text())["counts"]
+    assert counts["steps"] == single["steps"] == 6
+    diff = _max_weight_difference(RunDir(run_dir).stage(name), RunDir(dpo_run).stage(name))
+    assert diff < 1e-5
+    metric = "heldout_loss" if name == "sft" else "pref_accuracy"
+    assert counts[metric] == pytest.approx(single[metric], abs=1e-5)
