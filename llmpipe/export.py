@@ -1,4 +1,5 @@
-"""Export a stage's release weights as a Hugging Face `LlamaForCausalLM` folder.
+"""Export a stage's release weights as a Hugging Face `LlamaForCausalLM` folder (a reward
+model's as `LlamaForSequenceClassification` with one label).
 
     out/config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json, ...
 
@@ -27,7 +28,7 @@ from llmpipe import io
 from llmpipe.chat import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, default_max_new_tokens
 from llmpipe.config import ModelSection
 from llmpipe.errors import UserError
-from llmpipe.model.release import CONFIG, WEIGHTS, load_config, write_safetensors
+from llmpipe.model.release import CONFIG, WEIGHTS, load_config, load_head, write_safetensors
 from llmpipe.paths import MANIFEST, RunDir
 from llmpipe.tokenizer.chat import CHAT_TEMPLATE
 from llmpipe.tokenizer.special import END_OF_TURN, END_OF_TURN_ID, EOT, EOT_ID, PAD, PAD_ID
@@ -47,7 +48,7 @@ _BLOCK_NAMES = {
     "mlp.w_down.weight": "mlp.down_proj.weight",
 }
 _TOP_NAMES = {"tok_emb.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight",
-              "lm_head.weight": "lm_head.weight"}
+              "lm_head.weight": "lm_head.weight", "score.weight": "score.weight"}
 
 
 def hf_name(name: str) -> str:
@@ -59,10 +60,14 @@ def hf_name(name: str) -> str:
     return f"model.layers.{layer}.{_BLOCK_NAMES[rest]}"
 
 
-def hf_config(cfg: ModelSection) -> dict:
-    """config.json of the equivalent transformers LlamaConfig (v5 field names)."""
+def hf_config(cfg: ModelSection, head: str = "lm") -> dict:
+    """config.json of the equivalent transformers LlamaConfig (v5 field names). A score model is a
+    `LlamaForSequenceClassification` with one label, which reads the score at the rightmost token
+    that is not `pad_token_id`: the last token of the conversation, where ours reads it."""
+    score = {"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}} if head == "score" else {}
     return {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": ["LlamaForSequenceClassification" if head == "score" else "LlamaForCausalLM"],
+        **score,
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
@@ -77,7 +82,7 @@ def hf_config(cfg: ModelSection) -> dict:
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,  # transformers < 5
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers >= 5
-        "tie_word_embeddings": cfg.tie_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings and head == "lm",  # a score model has no output embeddings
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -91,12 +96,13 @@ def hf_config(cfg: ModelSection) -> dict:
 
 def export_weights(folder: Path, out: Path) -> None:
     """Release weights in `folder` -> `out`/config.json + model.safetensors (renamed tensors)."""
-    cfg = load_config(folder)
+    cfg, head = load_config(folder), load_head(folder)
     tensors = load_file(str(Path(folder) / WEIGHTS))
     renamed = {hf_name(k): v.to(torch.float32).contiguous() for k, v in tensors.items()}
     write_safetensors(renamed, Path(out) / "model.safetensors")
-    io.write_json(Path(out) / "config.json", hf_config(cfg))
-    io.write_json(Path(out) / "generation_config.json", generation_config(cfg))
+    io.write_json(Path(out) / "config.json", hf_config(cfg, head))
+    if head == "lm":  # a score model does not generate
+        io.write_json(Path(out) / "generation_config.json", generation_config(cfg))
 
 
 def generation_config(cfg: ModelSection) -> dict:

@@ -150,6 +150,12 @@ STAGES: dict[str, Stage] = {
                       "data": Input("instruct", "preferences_train_file", field="dpo.data"),
                       "heldout": Input("instruct", "preferences_heldout_file", field="dpo.heldout_data")},
               methods=("dpo",), resumable=True, own_process=True, summary=("steps", "pref_accuracy_sft", "pref_accuracy")),
+        Stage("reward", "llmpipe.alignment.reward:reward_stage", ("model", "reward"),
+              inputs={"sft": Input("sft"), "tokenizer": Input("tokenizer", "tokenizer_dir"),
+                      "data": Input("instruct", "preferences_train_file", field="reward.data"),
+                      "heldout": Input("instruct", "preferences_heldout_file", field="reward.heldout_data")},
+              methods=("ppo",), resumable=True, own_process=True,
+              summary=("steps", "heldout_pairwise_accuracy", "heldout_margin")),
     ]
 }
 

@@ -1,5 +1,6 @@
-"""SFT, the DPO reference cache and DPO as stages on a tiny CPU model: caching, exact resume,
-a file killed while written, and what their numbers mean."""
+"""SFT, the DPO reference cache, DPO and the reward model as stages on a tiny CPU model:
+caching, exact resume, a file killed while written, 2 processes against 1, and what their
+numbers mean."""
 
 import json
 import os
@@ -23,13 +24,14 @@ SECTIONS = {
     "instruct": {"doc_examples": 0, "task_examples": 120, "tasks": ["add", "reverse", "uppercase"]},
     "sft": {**TRAIN, "max_steps": 6, "lr": 3e-3, "eval_prompts": 8, "max_new_tokens": 8},
     "dpo": {**TRAIN, "max_steps": 6, "lr": 1e-3},
+    "reward": {**TRAIN, "max_steps": 6, "lr": 1e-3},
 }
 
 
 def config_for(run_dir, **overrides):
     tree = {"run": {"name": "t", "seed": 7, "run_dir": str(run_dir)}, "tokenizer": {"vocab_size": VOCAB},
             "model": POST_MODEL, "pretrain": {**PRETRAIN, "batch_tokens": 2 * 96, "max_steps": 4},
-            "align": {"methods": ["dpo"]}, **{k: dict(v) for k, v in SECTIONS.items()}}
+            "align": {"methods": ["dpo", "ppo"]}, **{k: dict(v) for k, v in SECTIONS.items()}}
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
         tree[section][key] = value
@@ -57,6 +59,12 @@ def dpo_run(sft_run):
     config = config_for(sft_run)
     for name in ("dpo_reference", "dpo"):
         stages.execute(name, config)
+    return sft_run
+
+
+@pytest.fixture(scope="module")
+def reward_run(sft_run):
+    stages.execute("reward", config_for(sft_run))
     return sft_run
 
 
@@ -180,15 +188,62 @@ def _max_weight_difference(a, b):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["sft", "dpo"])
-def test_two_fsdp_processes_train_what_one_process_trains(dpo_run, tmp_path, name):
+@pytest.mark.parametrize("name", ["sft", "dpo", "reward"])
+def test_two_fsdp_processes_train_what_one_process_trains(dpo_run, reward_run, tmp_path, name):
     """torchrun with FSDP on 2 processes (each a half of every global batch) against one process."""
-    run_dir = _copy_run(dpo_run, tmp_path / "run", without=("sft", "dpo*") if name == "sft" else ("dpo",))
+    run_dir = _copy_run(dpo_run, tmp_path / "run", without=("sft", "dpo*", "reward") if name == "sft" else (name,))
     config = config_for(run_dir, **{f"{name}.nproc": 2, f"{name}.parallel": {"strategy": "fsdp"}})
     counts = stages.execute(name, config).manifest["counts"]
     single = json.loads(RunDir(dpo_run).manifest(name).read_text())["counts"]
     assert counts["steps"] == single["steps"] == 6
     diff = _max_weight_difference(RunDir(run_dir).stage(name), RunDir(dpo_run).stage(name))
     assert diff < 1e-5
-    metric = "heldout_loss" if name == "sft" else "pref_accuracy"
+    metric = {"sft": "heldout_loss", "dpo": "pref_accuracy", "reward": "heldout_pairwise_accuracy"}[name]
     assert counts[metric] == pytest.approx(single[metric], abs=1e-5)
+
+
+def test_the_reward_model_is_a_score_model_with_heldout_accuracy_and_margin(reward_run):
+    run = RunDir(reward_run)
+    counts = json.loads(run.manifest("reward").read_text())["counts"]
+    assert counts["steps"] == 6 and counts["heldout_pairs"] > 0
+    assert 0 <= counts["heldout_pairwise_accuracy"] <= 1 and counts["heldout_loss"] > 0
+    weights = _weights(run.stage("reward"))
+    assert weights["score.weight"].shape == (1, POST_MODEL["d_model"]) and "lm_head.weight" not in weights
+    assert json.loads((run.stage("reward") / "model_config.json").read_text())["head"] == "score"
+    sft = _weights(run.stage("sft"))
+    assert not torch.equal(weights["norm_f.weight"], sft["norm_f.weight"])  # trained from SFT's body
+
+
+def test_reward_killed_midway_resumes_to_the_uninterrupted_weights(reward_run, tmp_path):
+    run_dir = _copy_run(reward_run, tmp_path / "run", without=("reward",))
+    counts = _killed_then_resumed("reward", config_for(run_dir), "reward:step_4")
+    assert counts["resumed_from_step"] == 3 and counts["steps"] == 6
+    assert _same_weights(RunDir(run_dir).stage("reward"), RunDir(reward_run).stage("reward"))
+    single = json.loads(RunDir(reward_run).manifest("reward").read_text())["counts"]
+    assert counts["heldout_pairwise_accuracy"] == single["heldout_pairwise_accuracy"]
+
+
+def test_the_exported_reward_model_scores_as_ours_in_transformers(reward_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llmpipe.alignment.render import ChatEncoder, score_batch, scores_at
+    from llmpipe.export import export_hf
+    from llmpipe.model.release import load_release
+    from llmpipe.tokenizer.train import load_tokenizer
+
+    run = RunDir(reward_run)
+    out = export_hf(reward_run, "reward", tmp_path / "hf")
+    hf = AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    encoder = ChatEncoder(load_tokenizer(run.tokenizer_dir))
+    conversations = [[{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}],
+                     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Reverse abc"},
+                      {"role": "assistant", "content": "cba"}]]
+    ids = [encoder.conversation(c).ids for c in conversations]
+    assert [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in conversations] == ids
+    batch = score_batch(ids)  # right-padded with the pad id, which transformers skips
+    with torch.no_grad():
+        ours = scores_at(load_release(run.stage("reward"))(batch["input_ids"]), batch["last"])
+        theirs = hf(input_ids=batch["input_ids"], attention_mask=(batch["input_ids"] != hf.config.pad_token_id).long())
+    assert hf.config.num_labels == 1 and theirs.logits.shape == (2, 1)
+    torch.testing.assert_close(theirs.logits[:, 0], ours, rtol=0, atol=1e-4)

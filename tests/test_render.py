@@ -12,11 +12,15 @@ from llmpipe.alignment.render import (
     ChatEncoder,
     completion_batch,
     completion_logps,
+    last_real_position,
     model_inputs,
     pack,
     padded,
+    score_batch,
+    scores_at,
     stack_rows,
 )
+from llmpipe.alignment.reward import reward_loss
 from llmpipe.config import DPOSection, ModelSection
 from llmpipe.model.model import Transformer
 from llmpipe.tokenizer import chat
@@ -32,9 +36,9 @@ def encoder(tmp_path_factory):
     return ChatEncoder(load_tokenizer(write_tokenizer(tmp_path_factory.mktemp("tok"))))
 
 
-def _model(seed=0):
+def _model(seed=0, head="lm"):
     torch.manual_seed(seed)
-    return Transformer(ModelSection(vocab_size=320, d_model=32, n_layers=2, n_heads=4, d_ff=64, seq_len=64))
+    return Transformer(ModelSection(vocab_size=320, d_model=32, n_layers=2, n_heads=4, d_ff=64, seq_len=64), head=head)
 
 
 def test_turn_by_turn_ids_are_the_rendered_string_encoded(encoder):
@@ -117,3 +121,36 @@ def test_the_dpo_loss_starts_at_log_2_against_itself_as_reference(encoder):
         cached, _ = dpo_step_fn(DPOSection(beta=0.1))(model, batch)
         forward, _ = dpo_step_fn(DPOSection(beta=0.1), reference=model)(model, batch)
     assert abs(float(cached) - math.log(2)) < 1e-6 and abs(float(forward) - math.log(2)) < 1e-6
+
+
+def test_the_reward_loss_equals_its_formula():
+    chosen, rejected = torch.tensor([1.5, -0.2, 0.3]), torch.tensor([0.5, 0.4, 0.3])
+    loss, metrics = reward_loss(chosen, rejected, center_coef=0.01)
+    pairs = list(zip(chosen.tolist(), rejected.tolist()))
+    bradley_terry = sum(math.log(1 + math.exp(-(c - r))) for c, r in pairs) / 3  # -log sigmoid(c - r)
+    center = sum((c + r) ** 2 for c, r in pairs) / 3
+    assert abs(loss.item() - (bradley_terry + 0.01 * center)) < 1e-6
+    assert abs(reward_loss(chosen, rejected)[0].item() - bradley_terry) < 1e-6
+    assert metrics["rewards/accuracies"].item() == pytest.approx(1 / 3)  # a tie is no win
+    assert metrics["rewards/margins"].item() == pytest.approx(sum(c - r for c, r in pairs) / 3)
+
+
+def test_a_score_is_read_at_the_last_real_token_with_padding_on_either_side():
+    model = _model(head="score").eval()
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(7, 320, (n,), generator=g).tolist() for n in (9, 4, 6)]
+    with torch.no_grad():
+        alone = torch.stack([model(torch.tensor([s]))[0, -1] for s in sequences])  # (3,)
+        right = score_batch(sequences)  # right padding: plain causal attention is exact
+        assert torch.equal(right["last"], last_real_position(right["input_ids"] != 1))
+        right_scores = scores_at(model(right["input_ids"]), right["last"])
+        # left padding, as rollouts come: per-row positions and segments keep the padding out
+        width = max(map(len, sequences))
+        mask = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in sequences])
+        ids = torch.tensor([[1] * (width - len(s)) + s for s in sequences])
+        segments = mask.long()
+        positions = (segments.cumsum(1) - 1).clamp(min=0)
+        left_scores = scores_at(model(ids, positions=positions, segments=segments), last_real_position(mask))
+    assert last_real_position(mask).tolist() == [width - 1] * 3
+    torch.testing.assert_close(right_scores, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(left_scores, alone, rtol=0, atol=1e-5)

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmpipe import io
 from llmpipe.alignment.data import RowCounts, load_preferences
 from llmpipe.alignment.dpo_reference import HELDOUT_FILE, TRAIN_FILE, pair_logps, pref_accuracy, read_table
 from llmpipe.alignment.render import ChatEncoder, EncodedPair, completion_logps, encode_pairs, pair_batch
@@ -130,13 +129,10 @@ def run_dpo(model_cfg: ModelSection, cfg: DPOSection, *, init_from: Path, refere
     }
     if stop_after is not None and state.step < cfg.max_steps:
         return result
-    trainer.save_release(out_dir)
+    trainer.save_release(out_dir, config, tracker)
     if trainer.env.is_main:
         policy = pair_logps(load_release(out_dir), heldout_pairs, micro, "held-out pairs")
         result["pref_accuracy"] = pref_accuracy(policy)
-        io.write_json(out_dir / "train_config.json", config)
-        for name in (WEIGHTS, "model_config.json", "train_config.json"):
-            tracker.log_artifact(out_dir / name)
     return result
 
 

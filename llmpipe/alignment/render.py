@@ -197,3 +197,30 @@ def pair_batch(pairs: list[EncodedPair]) -> dict[str, torch.Tensor]:
     batch = completion_batch([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs])
     batch["index"] = torch.tensor([p.index for p in pairs])
     return batch
+
+
+# --- sequence scores (the reward model; PPO's reward and critic) -----------------------------------
+
+
+def score_batch(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Whole rendered sequences, right-padded with the pad id; `last` (B,): each row's last real
+    position, where a score model's score is read (the rightmost non-pad token, as transformers'
+    sequence classification reads it)."""
+    width = max(len(s) for s in sequences)
+    return {"input_ids": torch.tensor([s + [PAD_ID] * (width - len(s)) for s in sequences]),
+            "last": torch.tensor([len(s) - 1 for s in sequences])}
+
+
+def last_real_position(mask: torch.Tensor) -> torch.Tensor:
+    """The rightmost True of each row of `mask` (B, T) (real tokens), padding on either side: (B,)."""
+    return (torch.arange(mask.shape[-1], device=mask.device) * mask).argmax(dim=-1)
+
+
+def scores_at(scores: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Per-position scores (B, T) read at positions `last` (B,): (B,)."""
+    return scores.gather(1, last[:, None]).squeeze(1)
+
+
+def pair_score_batch(pairs: list[EncodedPair]) -> dict[str, torch.Tensor]:
+    """The whole chosen conversations (rows 0..B-1), then the rejected ones (B..2B-1), for a score model."""
+    return score_batch([p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs])

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from llmpipe import io
 from llmpipe.alignment.answers import task_accuracy
 from llmpipe.alignment.data import RowCounts, load_conversations, load_prompts
 from llmpipe.alignment.render import ChatEncoder, Encoded, model_inputs, pack, padded, stack_rows
@@ -121,7 +120,7 @@ def run_sft(model_cfg: ModelSection, cfg: SFTSection, *, init_from: Path, tokeni
     }
     if stop_after is not None and state.step < cfg.max_steps:
         return result
-    trainer.save_release(out_dir)
+    trainer.save_release(out_dir, config, tracker)
     if main:
         held_prompts = [p for p in load_prompts(prompts, prompt_counts) if p.task and p.answer is not None]
         held_prompts = held_prompts[:cfg.eval_prompts]
@@ -129,9 +128,6 @@ def run_sft(model_cfg: ModelSection, cfg: SFTSection, *, init_from: Path, tokeni
         acc, examples = task_accuracy(load_release(out_dir), encoder, held_prompts, cfg.max_new_tokens)
         result.update({"task_accuracy": acc, "task_accuracy_base": base_acc, "task_prompts": len(held_prompts),
                        "answer_examples": examples})
-        io.write_json(out_dir / "train_config.json", config)
-        for name in (WEIGHTS, "model_config.json", "train_config.json"):
-            tracker.log_artifact(out_dir / name)
     return result
 
 

@@ -36,6 +36,7 @@ from llmpipe.config.post_training import (
     DPOReferenceSection,
     DPOSection,
     InstructSection,
+    RewardSection,
     SFTSection,
 )
 from llmpipe.config.training import (
@@ -50,7 +51,7 @@ __all__ = [
     "ALIGN_METHODS", "SHARDED_STRATEGIES", "AlignSection", "C4QualityConfig", "ConfigError", "CrawlSection",
     "DPOReferenceSection", "DPOSection", "FineWebQualityConfig", "GopherQualityConfig", "GopherRepetitionConfig",
     "InstructSection", "LanguageFilterConfig", "MinhashConfig", "ModelSection", "ParallelConfig", "PrepareSection",
-    "PretrainSection", "RayOptions", "RunConfig", "RunSection", "SFTSection", "Section", "ShardSection",
+    "PretrainSection", "RayOptions", "RewardSection", "RunConfig", "RunSection", "SFTSection", "Section", "ShardSection",
     "SlurmOptions", "TokenizerSection", "TrainSection", "dump", "load", "parse_override", "validate",
 ]
 
@@ -75,6 +76,7 @@ class RunConfig(Section):
     sft: SFTSection = SFTSection()
     dpo_reference: DPOReferenceSection = DPOReferenceSection()
     dpo: DPOSection = DPOSection()
+    reward: RewardSection = RewardSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

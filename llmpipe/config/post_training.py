@@ -1,4 +1,4 @@
-"""Post-training: which methods are in the graph, the instruction data, SFT and DPO."""
+"""Post-training: which methods are in the graph, the instruction data, SFT, DPO and the reward model."""
 
 from __future__ import annotations
 
@@ -96,5 +96,15 @@ class DPOSection(PostTrainSection):
 
     loss: Literal["sigmoid", "ipo"] = "sigmoid"  # -logsigmoid(beta * margin) (DPO) or (margin - 1/(2 beta))^2 (IPO)
     beta: float = Field(0.1, gt=0)  # strength of the implicit KL constraint to the reference
+    max_steps: int = Field(60, ge=1)
+    lr: float = Field(3e-4, gt=0)
+
+
+class RewardSection(PostTrainSection):
+    """A reward model trained on the preference data (Bradley-Terry), from SFT. Owned by
+    llmpipe/alignment/reward.py. Batches count pairs: batch_tokens = pairs per step * model.seq_len."""
+
+    center_coef: float = Field(0.0, ge=0)  # weight of mean (r_chosen + r_rejected)^2 (TRL's center_rewards_coefficient); 0: off
+    max_length: int | None = Field(None, ge=8)  # tokens of prompt + longer completion; longer pairs skipped; None: model.seq_len
     max_steps: int = Field(60, ge=1)
     lr: float = Field(3e-4, gt=0)

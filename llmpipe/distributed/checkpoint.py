@@ -101,11 +101,12 @@ def full_model_state(parts: list[nn.Module], mesh: DeviceMesh | None = None) -> 
     return {k: v for stage in stages for k, v in stage.items()} if is_main() else {}
 
 
-def load_full_model_state(parts: list[nn.Module], state: dict[str, torch.Tensor]) -> None:
+def load_full_model_state(parts: list[nn.Module], state: dict[str, torch.Tensor], missing_ok: tuple[str, ...] = ()) -> None:
     """Load a whole single-device state dict (e.g. an upstream stage's release weights) into
-    `parts`, each keeping the pieces it holds (a pipeline stage ignores other stages' layers)."""
+    `parts`, each keeping the pieces it holds (a pipeline stage ignores other stages' layers).
+    Tensors named in `missing_ok` may be absent from `state`: they keep their values."""
     options = StateDictOptions(full_state_dict=True, strict=False)
     for part in parts:
-        missing = set_model_state_dict(part, state, options=options).missing_keys
+        missing = set(set_model_state_dict(part, state, options=options).missing_keys) - set(missing_ok)
         if missing:
             raise KeyError(f"weights without {', '.join(sorted(missing)[:5])} ({len(missing)} tensors missing)")

@@ -211,20 +211,30 @@ class Block(nn.Module):
         return x
 
 
+HEADS = ("lm", "score")  # next-token logits (a language model), or one scalar per position (reward model, critic)
+
+
 class Transformer(nn.Module):
     """The whole model; a pipeline stage is this model with some blocks deleted and, outside the
-    first stage, no `tok_emb`, outside the last, no `norm_f` and `lm_head` (set to None)."""
+    first stage, no `tok_emb`, outside the last, no `norm_f` and `lm_head` (set to None).
 
-    def __init__(self, cfg: ModelSection):
+    `head="score"` puts a scalar head `score` (d_model -> 1, Hugging Face's
+    `LlamaForSequenceClassification` with one label) where the language-model head was: the
+    forward then returns one score per position (B, T)."""
+
+    def __init__(self, cfg: ModelSection, head: str = "lm"):
         super().__init__()
-        self.cfg = cfg
+        if head not in HEADS:
+            raise ValueError(f"head={head!r}: allowed values: {', '.join(HEADS)}")
+        self.cfg, self.head = cfg, head
         self.head_size = cfg.d_model // cfg.n_heads
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # a dict keyed by layer index: parameter names stay stable when a pipeline stage drops blocks
         self.trf_blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         # with tied embeddings the output projection reuses tok_emb.weight: no second tensor exists
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings or head != "lm" else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.score = nn.Linear(cfg.d_model, 1, bias=False) if head == "score" else None
         self.register_buffer("rope_cos", torch.empty(cfg.seq_len, self.head_size), persistent=False)  # (seq_len, hs)
         self.register_buffer("rope_sin", torch.empty(cfg.seq_len, self.head_size), persistent=False)
         self.init_weights()
@@ -258,6 +268,7 @@ class Transformer(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T); with targets (B, T), the mean cross-entropy instead;
         with `last_only`, the logits of the last position alone (B, 1, V), all that sampling needs.
+        A score model returns its scores (B, T) (or (B, 1) with `last_only`).
 
         Targets equal to -1 are ignored. With a cache, idx holds the tokens after cache.pos. A
         pipeline stage without `tok_emb` takes the hidden state (B, T, C) as idx; one without
@@ -288,6 +299,8 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         x = self.norm_f(x)
+        if self.score is not None:
+            return self.score(x).squeeze(-1)  # (B, T)
         if targets is not None and self.lm_head is None:
             # a tied head takes the chunked loss, which never builds the (B*T, V) logits; tensor
             # parallelism, which needs the lm_head module below, is never used with a tied head
@@ -326,14 +339,17 @@ def parameter_count(cfg: ModelSection, embedding: bool = True) -> int:
     return total
 
 
-def flops_per_token(cfg: ModelSection, seq_len: int | None = None) -> float:
+def flops_per_token(cfg: ModelSection, seq_len: int | None = None, head: str = "lm") -> float:
     """Training FLOPs (forward + backward) per token, PaLM appendix B convention.
 
     6 per weight of every matrix multiply (blocks and output head; the embedding lookup is no
     matmul) plus 12 * n_layers * d_model * T for attention scores and values (causal masking
-    not discounted), so MFU figures compare with nanoGPT's and PaLM's.
+    not discounted), so MFU figures compare with nanoGPT's and PaLM's. A score head (d_model -> 1)
+    replaces the output head's vocab_size x d_model.
     """
     T = seq_len or cfg.seq_len
     norms = (2 * cfg.n_layers + 1) * cfg.d_model
     matmul_params = parameter_count(cfg, embedding=False) - norms  # blocks + output head (tied or not)
+    if head == "score":
+        matmul_params += cfg.d_model - cfg.vocab_size * cfg.d_model
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.d_model * T

@@ -30,27 +30,38 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def save_release(model: Transformer, folder: Path) -> None:
-    write_release(model.state_dict(), model.cfg, folder)
+    write_release(model.state_dict(), model.cfg, folder, model.head)
 
 
-def write_release(state: dict[str, torch.Tensor], cfg: ModelSection, folder: Path) -> None:
-    """A whole single-device state dict (e.g. gathered from shards) as float32 release weights."""
+def write_release(state: dict[str, torch.Tensor], cfg: ModelSection, folder: Path, head: str = "lm") -> None:
+    """A whole single-device state dict (e.g. gathered from shards) as float32 release weights.
+    model_config.json is the model section, plus `"head": "score"` for a score model."""
     folder = Path(folder)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     write_safetensors(tensors, folder / WEIGHTS)
-    io.write_json(folder / CONFIG, cfg.model_dump(mode="json"))
+    io.write_json(folder / CONFIG, {**cfg.model_dump(mode="json"), **({"head": head} if head != "lm" else {})})
 
 
-def load_config(folder: Path) -> ModelSection:
+def _read_config(folder: Path) -> dict:
     path = Path(folder) / CONFIG
     if not path.is_file():
         raise MissingInput(f"{path}: no model config (did the stage finish?)")
-    return ModelSection.model_validate(json.loads(path.read_text()))
+    return json.loads(path.read_text())
+
+
+def load_config(folder: Path) -> ModelSection:
+    config = _read_config(folder)
+    config.pop("head", None)
+    return ModelSection.model_validate(config)
+
+
+def load_head(folder: Path) -> str:
+    """"lm" (a language model) or "score" (a reward model or critic)."""
+    return _read_config(folder).get("head", "lm")
 
 
 def load_release(folder: Path, device: str | torch.device = "cpu") -> Transformer:
     """The model saved in `folder`, in eval mode, float32, on `device`."""
-    cfg = load_config(folder)
-    model = Transformer(cfg)
+    model = Transformer(load_config(folder), head=load_head(folder))
     model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)), strict=True)
     return model.to(device).eval()

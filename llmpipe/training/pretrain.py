@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmpipe import io
 from llmpipe.config import ModelSection, PretrainSection
 from llmpipe.context import StageContext
 from llmpipe.data.loader import TokenLoader
@@ -116,12 +115,7 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
     }
     if stop_after is not None and state.step < cfg.max_steps:
         return result
-    trainer.save_release(out_dir)
-    if main:
-        io.write_json(out_dir / "train_config.json", config)
-        # the final weights and configs; the optimizer state stays in checkpoints/ (3x the weights)
-        for name in ("model.safetensors", "model_config.json", "train_config.json"):
-            tracker.log_artifact(out_dir / name)
+    trainer.save_release(out_dir, config, tracker)
     return result
 
 

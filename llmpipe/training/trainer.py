@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from llmpipe import io
 from llmpipe.config import SHARDED_STRATEGIES, ModelSection, TrainSection
 from llmpipe.distributed import env
 from llmpipe.distributed.checkpoint import full_model_state, load_full_model_state
@@ -44,7 +45,8 @@ from llmpipe.distributed.parallelize import ParallelModel, parallelize
 from llmpipe.errors import BadValue, UserError
 from llmpipe.faults import fault_point
 from llmpipe.model.model import Transformer
-from llmpipe.model.release import write_release
+from llmpipe.model.release import CONFIG as RELEASE_CONFIG
+from llmpipe.model.release import WEIGHTS, write_release
 from llmpipe.progress import progress
 from llmpipe.tracking import NullTracker, Tracker
 from llmpipe.training import checkpoint
@@ -186,6 +188,14 @@ def _concat(batches: list[Batch]) -> Batch:
     return type(first)(_concat(list(parts)) for parts in zip(*batches))
 
 
+def batch_tokens(batch: Batch) -> int:
+    """Token slots a micro-batch computes, padding included (what MFU counts): its input ids'
+    size (a dict's `input_ids`, a tuple's first tensor, or the tensor itself)."""
+    if isinstance(batch, dict):
+        return batch["input_ids"].numel()
+    return (batch if isinstance(batch, torch.Tensor) else batch[0]).numel()
+
+
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -197,15 +207,22 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 # --- the model ---------------------------------------------------------------------------------
 
 
-def build_model(model_cfg: ModelSection, device: torch.device | str, init_from: Path | None = None) -> Transformer:
+def build_model(model_cfg: ModelSection, device: torch.device | str, init_from: Path | None = None,
+                head: str = "lm") -> Transformer:
     """The transformer on `device`, initialised from the config, or with the weights of
     `init_from` (an upstream stage's model.safetensors). On the meta device nothing is allocated:
     the trainer parallelizes it first, then `materialize`s each rank's shards."""
     with torch.device(device):
-        model = Transformer(model_cfg)
+        model = Transformer(model_cfg, head=head)
     if init_from is not None and str(device) != "meta":
-        load_full_model_state([model], load_file(str(init_from)))
+        load_init([model], init_from)
     return model
+
+
+def load_init(parts: list[nn.Module], init_from: Path) -> None:
+    """Upstream weights into `parts`. A score model started from a language model (the reward
+    model from SFT) keeps its seeded score head: the file has none, and its LM head is unused."""
+    load_full_model_state(parts, load_file(str(init_from)), missing_ok=("score.weight",))
 
 
 def materialize(parts: list[nn.Module], device: torch.device, seed: int, init_from: Path | None = None) -> None:
@@ -215,7 +232,7 @@ def materialize(parts: list[nn.Module], device: torch.device, seed: int, init_fr
         part.to_empty(device=device)
         part.init_weights()  # also the rotary tables, which no weights file holds
     if init_from is not None:
-        load_full_model_state(parts, load_file(str(init_from)))
+        load_init(parts, init_from)
 
 
 class Trainer:
@@ -223,8 +240,8 @@ class Trainer:
 
     def __init__(self, model_cfg: ModelSection, cfg: TrainSection, *, seed: int, init_from: Path | None = None,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 section: str = "pretrain"):
-        self.model_cfg, self.cfg, self.section = model_cfg, cfg, section
+                 section: str = "pretrain", head: str = "lm"):
+        self.model_cfg, self.cfg, self.section, self.head = model_cfg, cfg, section, head
         self.env = env.init_distributed(resolve_device(cfg.device, section).type)
         if self.env.world_size not in (1, cfg.world_size):
             raise BadValue(f"{section}.nproc * nnodes = {cfg.world_size}, but {self.env.world_size} processes were started")
@@ -242,7 +259,7 @@ class Trainer:
         on_meta = self.env.world_size > 1 and self.device.type == "cuda" and (
             cfg.parallel.strategy in SHARDED_STRATEGIES or self.layout.tp > 1 or self.layout.pp > 1)
         torch.manual_seed(seed)
-        model = build_model(model_cfg, "meta" if on_meta else self.device, None if on_meta else init_from)
+        model = build_model(model_cfg, "meta" if on_meta else self.device, None if on_meta else init_from, head)
         fsdp_bf16 = self.dtype if cfg.parallel.strategy in SHARDED_STRATEGIES and self.device.type == "cuda" else None
         self.parallel: ParallelModel = parallelize(model, self.mesh, cfg, device=self.device, param_dtype=fsdp_bf16,
                                                    loss_fn=loss_fn, pp_microbatches=self.accumulation)
@@ -286,22 +303,32 @@ class Trainer:
         """The whole single-device state dict on CPU, gathered from every rank, on rank 0 (empty elsewhere)."""
         return full_model_state(self.model_parts, self.mesh)
 
-    def save_release(self, out_dir: Path) -> None:
-        """The whole model gathered from every rank into `out_dir`/model.safetensors (rank 0 writes)."""
+    def save_release(self, out_dir: Path, config: dict | None = None, tracker: Tracker | None = None) -> None:
+        """The whole model gathered from every rank into `out_dir`/model.safetensors and
+        model_config.json, with `config` (the training config) as train_config.json; all three
+        logged to `tracker`. Rank 0 writes; the optimizer state stays in checkpoints/ (3x the weights)."""
         state = self.full_model_state()
         if self.env.is_main:
-            write_release(state, self.model_cfg, out_dir)
+            write_release(state, self.model_cfg, out_dir, self.head)
+            names = [WEIGHTS, RELEASE_CONFIG]
+            if config is not None:
+                io.write_json(Path(out_dir) / "train_config.json", config)
+                names.append("train_config.json")
+            for name in names:
+                (tracker or NullTracker()).log_artifact(Path(out_dir) / name)
         env.barrier()
 
     # --- steps -----------------------------------------------------------------------------------
 
-    def _forward_backward(self, task: TrainTask) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """All micro-batches of one optimizer step; their mean loss and metrics (this rank's)."""
+    def _forward_backward(self, task: TrainTask) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """All micro-batches of one optimizer step; their mean loss and metrics and their token
+        slots (this rank's)."""
         p, accumulation = self.parallel, self.accumulation
         batches = [_to_device(task.train_loader.next_batch(), self.device) for _ in range(accumulation)]
+        tokens = sum(batch_tokens(b) for b in batches)
         if p.schedule is not None:  # the schedule splits the step's batch into the same micro-batches
             with p.loss_context():
-                return self._pipeline_losses(task, _concat(batches), train=True).mean().detach(), {}
+                return self._pipeline_losses(task, _concat(batches), train=True).mean().detach(), {}, tokens
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict[str, torch.Tensor] = {}
         for micro, batch in enumerate(batches):
@@ -313,7 +340,7 @@ class Trainer:
             loss_sum += env.plain(loss.detach())
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + env.plain(v.detach()) / accumulation
-        return loss_sum, metric_sums
+        return loss_sum, metric_sums, tokens
 
     def _pipeline_losses(self, task: TrainTask, batch: Batch, train: bool) -> torch.Tensor:
         """Run a step's batch through the pipeline schedule; the loss of each micro-batch on the
@@ -326,10 +353,13 @@ class Trainer:
         (p.schedule.step if train else p.schedule.eval)(*args, target=target, losses=losses)
         return torch.stack(losses) if p.has_last_stage else torch.zeros(self.accumulation, device=self.device)
 
-    def _reduce(self, loss: torch.Tensor, norm: torch.Tensor, metrics: dict[str, torch.Tensor]) -> list[float]:
-        """[global mean loss, grad norm, *metrics], the same numbers on every rank (one all-reduce)."""
-        weight = self.parallel.loss_weight
+    def _reduce(self, loss: torch.Tensor, norm: torch.Tensor, metrics: dict[str, torch.Tensor],
+                tokens: int) -> list[float]:
+        """[global mean loss, grad norm, token slots of all data-parallel ranks, *metrics], the same
+        numbers on every rank (one all-reduce)."""
+        weight = self.parallel.loss_weight  # 1/dp on one rank of each data-parallel group, else 0
         values = [loss.float() * weight, norm.float() * (1.0 if self.env.is_main else 0.0),
+                  torch.tensor(float(tokens * weight * self.dp_size), device=self.device),
                   *(v.float() * weight for v in metrics.values())]
         return env.all_reduce_sum(torch.stack(values)).tolist()
 
@@ -371,7 +401,6 @@ class Trainer:
         """
         cfg, p, main = self.cfg, self.parallel, self.env.is_main
         tracker = tracker if main and tracker is not None else NullTracker()
-        tokens_per_step = self.accumulation * self.tokens_per_micro_batch * p.layout.dp
         peak = peak_flops(self.device, self.dtype, cfg.peak_flops) * self.env.world_size
         last_good = checkpoint.newest(ckpt_root)  # named in the divergence message; resuming verified it
         start_step, saved_step = state.step, None
@@ -405,9 +434,10 @@ class Trainer:
             lr = lr_at(step, cfg)
             for optimizer in self.optimizers:
                 set_lr(optimizer, lr)
-            loss_sum, metric_sums = self._forward_backward(task)
+            loss_sum, metric_sums, tokens = self._forward_backward(task)
             norm = p.grad_norm()
-            loss_value, grad_norm, *metric_values = self._reduce(loss_sum, norm, metric_sums)
+            loss_value, grad_norm, step_tokens, *metric_values = self._reduce(loss_sum, norm, metric_sums, tokens)
+            tokens_per_step = round(step_tokens)
             _guard(step, loss_value, grad_norm, state, cfg, last_good, task.name)
             if cfg.grad_clip > 0:
                 p.clip_grads(cfg.grad_clip, norm)
