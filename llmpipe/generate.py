@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 from llmpipe.errors import BadValue
 from llmpipe.model.generate import generate
 from llmpipe.model.model import Transformer
-from llmpipe.model.release import CONFIG, WEIGHTS, load_release
+from llmpipe.model.release import CONFIG, WEIGHTS, load_head, load_release
 from llmpipe.paths import RunDir
 from llmpipe.tokenizer.special import EOT_ID
 from llmpipe.tokenizer.train import load_tokenizer
@@ -33,6 +33,9 @@ def load_stage_model(run_dir: Path, stage: str) -> tuple[Transformer, Tokenizer]
 
     run_dir = RunDir(run_dir)
     verify_outputs(run_dir, stage, [WEIGHTS, CONFIG])
+    if load_head(run_dir.stage(stage)) != "lm":
+        raise BadValue(f"stage {stage} holds a score model (a reward model), which does not generate; "
+                       "use a language model's stage: pretrain, sft, dpo")
     return load_release(run_dir.stage(stage)), load_tokenizer(run_dir.tokenizer_dir)
 
 

@@ -214,6 +214,14 @@ def test_the_reward_model_is_a_score_model_with_heldout_accuracy_and_margin(rewa
     assert not torch.equal(weights["norm_f.weight"], sft["norm_f.weight"])  # trained from SFT's body
 
 
+def test_a_reward_model_cannot_chat(reward_run):
+    from llmpipe.errors import BadValue
+    from llmpipe.generate import load_stage_model
+
+    with pytest.raises(BadValue, match="score model"):
+        load_stage_model(reward_run, "reward")
+
+
 def test_reward_killed_midway_resumes_to_the_uninterrupted_weights(reward_run, tmp_path):
     run_dir = _copy_run(reward_run, tmp_path / "run", without=("reward",))
     counts = _killed_then_resumed("reward", config_for(run_dir), "reward:step_4")
