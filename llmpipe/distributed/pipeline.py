@@ -3,7 +3,7 @@
 The whole model is built on every rank (same seed, same weights, or on the meta device), then
 `prune_to_rank` keeps on each rank only what its stages need. Stage s of S = pp * v holds a
 consecutive run of blocks; rank r runs stages r, r + pp, r + 2 pp, ... (v > 1 only with
-interleaved 1F1B). The first stage keeps `tok_emb`, the last `norm_f` and `lm_head`; the model's
+interleaved 1F1B). The first stage keeps `tok_emb`, the last `norm_f` and `lm_head` (or `score`); the model's
 forward then takes or returns hidden states (B, T, C) on its own.
 
 What is checkpointed and optimized is the rank's pruned model: one module with this rank's
@@ -65,11 +65,12 @@ def _stage_view(model: Transformer, blocks: list[str], first: bool, last: bool) 
     """A Transformer sharing `model`'s modules, with only `blocks` and the ends it needs."""
     stage = Transformer.__new__(Transformer)
     nn.Module.__init__(stage)
-    stage.cfg, stage.head_size = model.cfg, model.head_size
+    stage.cfg, stage.head_size, stage.head = model.cfg, model.head_size, model.head
     stage.tok_emb = model.tok_emb if first else None
     stage.trf_blocks = nn.ModuleDict({key: model.trf_blocks[key] for key in blocks})
     stage.norm_f = model.norm_f if last else None
     stage.lm_head = model.lm_head if last else None
+    stage.score = model.score if last else None
     stage.register_buffer("rope_cos", model.rope_cos, persistent=False)
     stage.register_buffer("rope_sin", model.rope_sin, persistent=False)
     return stage
@@ -86,7 +87,7 @@ def prune_to_rank(model: Transformer, pp_rank: int, cfg: ParallelConfig) -> None
     if 0 not in mine:
         model.tok_emb = None
     if n_stages - 1 not in mine:
-        model.norm_f, model.lm_head = None, None
+        model.norm_f, model.lm_head, model.score = None, None, None
 
 
 def rank_stages(pp_rank: int, cfg: ParallelConfig) -> list[int]:
