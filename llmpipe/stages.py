@@ -156,6 +156,12 @@ STAGES: dict[str, Stage] = {
                       "heldout": Input("instruct", "preferences_heldout_file", field="reward.heldout_data")},
               methods=("ppo",), resumable=True, own_process=True,
               summary=("steps", "heldout_pairwise_accuracy", "heldout_margin")),
+        Stage("ppo", "llmpipe.alignment.ppo:ppo_stage", ("model", "ppo"),
+              inputs={"sft": Input("sft"), "reward": Input("reward"), "tokenizer": Input("tokenizer", "tokenizer_dir"),
+                      "data": Input("instruct", "prompts_train_file", field="ppo.data"),
+                      "heldout": Input("instruct", "prompts_heldout_file", field="ppo.heldout_data")},
+              methods=("ppo",), resumable=True, own_process=True,
+              summary=("steps", "rm_score_sft", "rm_score", "heldout_kl", "task_accuracy")),
     ]
 }
 

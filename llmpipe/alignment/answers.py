@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from llmpipe.alignment.checker import check
-from llmpipe.alignment.render import ChatEncoder
+from llmpipe.alignment.render import ChatEncoder, left_padded
 from llmpipe.model.generate import generate
 from llmpipe.model.model import Transformer
 from llmpipe.tokenizer.special import PAD_ID
@@ -19,10 +19,7 @@ def answer(model: Transformer, encoder: ChatEncoder, prompts: list[list[dict]], 
     device = model.tok_emb.weight.device
     replies = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [encoder.prompt(p) for p in prompts[start:start + batch_size]]
-        width = max(len(ids) for ids in encoded)
-        ids = torch.tensor([[PAD_ID] * (width - len(e)) + e for e in encoded], device=device)
-        mask = torch.tensor([[False] * (width - len(e)) + [True] * len(e) for e in encoded], device=device)
+        ids, mask = left_padded([encoder.prompt(p) for p in prompts[start:start + batch_size]], device)
         new = generate(model, ids, max_new_tokens, temperature=temperature, generator=generator,
                        stop_id=encoder.end, pad_id=PAD_ID, prompt_mask=mask)
         for row in new.tolist():

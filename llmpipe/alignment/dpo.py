@@ -31,7 +31,7 @@ from llmpipe.model.model import flops_per_token
 from llmpipe.model.release import WEIGHTS, load_release
 from llmpipe.tokenizer.train import load_tokenizer
 from llmpipe.tracking import NullTracker, Tracker
-from llmpipe.training.trainer import Trainer, TrainTask, peak_memory_mb
+from llmpipe.training.trainer import Trainer, TrainTask, loop_summary
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -115,18 +115,13 @@ def run_dpo(model_cfg: ModelSection, cfg: DPOSection, *, init_from: Path, refere
     resumed_from = state.step
     state = trainer.fit(task, state, ckpt_root=out_dir / "checkpoints", config=config, tracker=tracker,
                         stop_after=stop_after)
-    result = {
-        "steps": state.step,
-        "train_loss": state.train_loss,
-        "heldout_loss": state.val_loss,
+    result = loop_summary(state, resumed_from, trainer)
+    result.update({
         "pairs": len(train_items),
         "heldout_pairs": len(heldout_items),
         "pref_accuracy_sft": pref_accuracy(heldout_table),
         "data": {"train": counts.to_manifest(), "heldout": heldout_counts.to_manifest()},
-        "resumed_from_step": resumed_from,
-        "timing": {"steps_per_s": (state.step - resumed_from) / state.train_time_s if state.train_time_s else 0.0,
-                   "peak_mem_mb": peak_memory_mb(trainer.device), "train_time_s": state.train_time_s},
-    }
+    })
     if stop_after is not None and state.step < cfg.max_steps:
         return result
     trainer.save_release(out_dir, config, tracker)

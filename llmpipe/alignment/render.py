@@ -137,6 +137,15 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: batch[key] for key in ("positions", "segments") if key in batch}
 
 
+def left_padded(prompts: list[list[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths for `generate`: ids (B, T) left-padded with the pad id, and
+    the mask (B, T) True on real tokens."""
+    width = max(len(ids) for ids in prompts)
+    ids = torch.tensor([[PAD_ID] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 # --- completion log-probs (DPO, the reward model's data, PPO, evaluation) ------------------------
 
 
@@ -153,12 +162,16 @@ def completion_batch(pairs: list[tuple[list[int], list[int]]]) -> dict[str, torc
             "targets": torch.tensor([y + [-1] * (width - len(y)) for _, y in rows])}
 
 
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed log-prob of each row's targets (B,), from logits (B, T, V); targets -1 are skipped."""
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each target (B, T) from logits (B, T, V); 0 where the target is -1."""
     logits = logits.float()
     picked = logits.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
-    token_logps = picked - torch.logsumexp(logits, dim=-1)  # (B, T)
-    return (token_logps * (targets != -1)).sum(dim=-1)
+    return (picked - torch.logsumexp(logits, dim=-1)) * (targets != -1)
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed log-prob of each row's targets (B,), from logits (B, T, V); targets -1 are skipped."""
+    return token_logps(logits, targets).sum(dim=-1)
 
 
 def completion_logps(forward, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -33,7 +33,7 @@ from llmpipe.model.release import WEIGHTS, load_release
 from llmpipe.progress import progress
 from llmpipe.tokenizer.train import load_tokenizer
 from llmpipe.tracking import NullTracker, Tracker
-from llmpipe.training.trainer import Trainer, TrainTask, peak_memory_mb
+from llmpipe.training.trainer import Trainer, TrainTask, loop_summary
 
 
 def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
@@ -104,17 +104,12 @@ def run_reward(model_cfg: ModelSection, cfg: RewardSection, *, init_from: Path, 
     resumed_from = state.step
     state = trainer.fit(task, state, ckpt_root=out_dir / "checkpoints", config=config, tracker=tracker,
                         stop_after=stop_after)
-    result = {
-        "steps": state.step,
-        "train_loss": state.train_loss,
-        "heldout_loss": state.val_loss,
+    result = loop_summary(state, resumed_from, trainer)
+    result.update({
         "pairs": len(train_pairs),
         "heldout_pairs": len(heldout_pairs),
         "data": {"train": counts.to_manifest(), "heldout": heldout_counts.to_manifest()},
-        "resumed_from_step": resumed_from,
-        "timing": {"steps_per_s": (state.step - resumed_from) / state.train_time_s if state.train_time_s else 0.0,
-                   "peak_mem_mb": peak_memory_mb(trainer.device), "train_time_s": state.train_time_s},
-    }
+    })
     if stop_after is not None and state.step < cfg.max_steps:
         return result
     trainer.save_release(out_dir, config, tracker)

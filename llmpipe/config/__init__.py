@@ -36,6 +36,7 @@ from llmpipe.config.post_training import (
     DPOReferenceSection,
     DPOSection,
     InstructSection,
+    PPOSection,
     RewardSection,
     SFTSection,
 )
@@ -50,7 +51,7 @@ from llmpipe.config.training import (
 __all__ = [
     "ALIGN_METHODS", "SHARDED_STRATEGIES", "AlignSection", "C4QualityConfig", "ConfigError", "CrawlSection",
     "DPOReferenceSection", "DPOSection", "FineWebQualityConfig", "GopherQualityConfig", "GopherRepetitionConfig",
-    "InstructSection", "LanguageFilterConfig", "MinhashConfig", "ModelSection", "ParallelConfig", "PrepareSection",
+    "InstructSection", "LanguageFilterConfig", "MinhashConfig", "ModelSection", "ParallelConfig", "PPOSection", "PrepareSection",
     "PretrainSection", "RayOptions", "RewardSection", "RunConfig", "RunSection", "SFTSection", "Section", "ShardSection",
     "SlurmOptions", "TokenizerSection", "TrainSection", "dump", "load", "parse_override", "validate",
 ]
@@ -77,6 +78,7 @@ class RunConfig(Section):
     dpo_reference: DPOReferenceSection = DPOReferenceSection()
     dpo: DPOSection = DPOSection()
     reward: RewardSection = RewardSection()
+    ppo: PPOSection = PPOSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

@@ -1,4 +1,4 @@
-"""Post-training: which methods are in the graph, the instruction data, SFT, DPO and the reward model."""
+"""Post-training: which methods are in the graph, the instruction data, SFT, DPO, the reward model and PPO/GRPO."""
 
 from __future__ import annotations
 
@@ -108,3 +108,38 @@ class RewardSection(PostTrainSection):
     max_length: int | None = Field(None, ge=8)  # tokens of prompt + longer completion; longer pairs skipped; None: model.seq_len
     max_steps: int = Field(60, ge=1)
     lr: float = Field(3e-4, gt=0)
+
+
+class PPOSection(PostTrainSection):
+    """RL from SFT: PPO against the reward model with a KL penalty to SFT (InstructGPT), or GRPO.
+    Owned by llmpipe/alignment/ppo.py. Defaults are OpenRLHF's and verl's. `data`: RL prompts
+    (default: the instruct stage's verifiable prompts). One optimizer step trains on
+    batch_tokens / model.seq_len rollout responses; a rollout batch serves `epochs` passes."""
+
+    reward: Literal["model", "checker"] = "model"  # the reward model's score, or 1/0 by the task checker
+    advantage: Literal["gae", "grpo"] = "gae"  # PPO with a critic (from the reward model), or group-relative
+    rollout_prompts: int = Field(16, ge=1)  # prompts per rollout batch (all ranks)
+    group_size: int | None = Field(None, ge=1)  # samples per prompt; None: 1 with gae, 8 with grpo
+    epochs: int = Field(4, ge=1)  # passes over each rollout batch
+    max_new_tokens: int = Field(32, ge=1)  # response length limit
+    temperature: float = Field(1.0, gt=0)  # sampling of rollouts (held-out answers are greedy)
+    top_p: float = Field(1.0, gt=0, le=1)
+    truncation_penalty: float = Field(1.0, ge=0)  # subtracted from the score of a response cut off before its <|end|>
+    kl_coef: float = Field(0.05, ge=0)  # gae: per-token reward -kl_coef * (logp - ref_logp)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)  # GAE's lambda
+    clip: float = Field(0.2, gt=0)  # policy ratio clip
+    value_clip: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)  # weight of the value loss
+    whiten_advantages: bool = True  # gae: advantages scaled to mean 0, std 1 over the rollout batch
+    grpo_kl_coef: float = Field(0.04, ge=0)  # grpo: weight of the k3 KL-to-reference loss term; 0: off
+    scale_rewards: bool = True  # grpo: divide by the group's std (False: Dr. GRPO)
+    generation_batch_size: int = Field(16, ge=1)  # responses per generate / scoring forward
+    eval_prompts: int = Field(200, ge=0)  # held-out prompts answered greedily at the end (rm_score, task accuracy)
+    max_steps: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.group_size or (8 if self.advantage == "grpo" else 1)

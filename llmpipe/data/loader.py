@@ -35,6 +35,13 @@ def _mix(x: int, key: int) -> int:
     return x ^ (x >> 31)
 
 
+def derive_seed(seed: int, *keys: int) -> int:
+    """A seed for one use of the run's seed (a rollout, a prompt, a sample): well spread, < 2**63."""
+    for key in keys:
+        seed = _mix(seed, key)
+    return seed & (2**63 - 1)
+
+
 class Permutation:
     """A seeded bijection of range(n) in O(1) memory: a 4-round Feistel network on the smallest
     even-bit domain >= n, re-applied until the value lands inside range(n) (cycle walking)."""

@@ -101,6 +101,11 @@ def full_model_state(parts: list[nn.Module], mesh: DeviceMesh | None = None) -> 
     return {k: v for stage in stages for k, v in stage.items()} if is_main() else {}
 
 
+def gathered_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole of `model` (FSDP shards all-gathered) on every rank, on its device (collective)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
 def load_full_model_state(parts: list[nn.Module], state: dict[str, torch.Tensor], missing_ok: tuple[str, ...] = ()) -> None:
     """Load a whole single-device state dict (e.g. an upstream stage's release weights) into
     `parts`, each keeping the pieces it holds (a pipeline stage ignores other stages' layers).

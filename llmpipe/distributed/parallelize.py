@@ -3,7 +3,8 @@
 The contract with the trainer (llmpipe/training/trainer.py) is `ParallelModel`:
 
 - `model_parts`: the modules this rank trains and checkpoints: one, the model (under pp, pruned
-  to this rank's stages). Parameter names are the single-device model's names, so checkpoints
+  to this rank's stages). The model is a Transformer, or a module of Transformers trained
+  together (PPO's policy and critic): each of them is parallelized as one model would be. Parameter names are the single-device model's names, so checkpoints
   (DCP) reshard between strategies.
 - `forward`: what a stage's `step_fn(forward, batch)` calls (a DDP wrapper or the model itself);
   None under pp, where the trainer calls `schedule.step(inputs, target=labels, losses=...)` once
@@ -45,6 +46,28 @@ from llmpipe.config import SHARDED_STRATEGIES, TrainSection
 from llmpipe.distributed.env import Layout, local_rank_in, submesh
 from llmpipe.distributed.pipeline import build_schedule, check_pipeline, prune_to_rank
 from llmpipe.distributed.tensor_parallel import apply_tp, loss_context
+from llmpipe.model.model import Transformer
+
+
+def transformers_of(model: nn.Module) -> list[Transformer]:
+    """The model itself, or the Transformers a composite model holds (PPO's policy and critic)."""
+    return [model] if isinstance(model, Transformer) else [m for m in model.children() if isinstance(m, Transformer)]
+
+
+def _fsdp_policy(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    if param_dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
+def _fully_shard(models: list[Transformer], dp_mesh: DeviceMesh, policy: MixedPrecisionPolicy,
+                 reshard: bool = True) -> None:
+    """FSDP2 on each block, then on each Transformer (its embeddings, norm and head): every
+    Transformer is a root of its own, so each can be called alone (a rollout, a frozen model)."""
+    for model in models:
+        for block in model.trf_blocks.values():
+            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(model, mesh=dp_mesh, mp_policy=policy)
 
 
 @dataclass
@@ -62,6 +85,12 @@ class ParallelModel:
     loss_parallel: bool = False  # tp: the loss is computed on vocabulary-sharded logits
     mixed_precision: bool = False  # FSDP casts parameters to bf16 itself: no autocast around forward
     sync_every_micro_batch: bool = False  # FSDP reduce-scatters after every backward: shards only
+    fsdp_roots: list[nn.Module] = field(default_factory=list)  # the fully_shard-ed Transformers
+
+    @property
+    def sharded(self) -> bool:
+        """The parameters are FSDP shards: a rank holds no whole weight between forwards."""
+        return bool(self.fsdp_roots)
 
     @functools.cached_property
     def schedule(self) -> Any | None:
@@ -85,8 +114,7 @@ class ParallelModel:
             return contextlib.nullcontext()
         if isinstance(self.forward, DistributedDataParallel):
             return self.forward.no_sync()
-        fsdp_parts = [p for p in self.model_parts if isinstance(p, FSDPModule)]
-        return _fsdp_no_sync(fsdp_parts) if fsdp_parts else contextlib.nullcontext()
+        return _fsdp_no_sync(self.fsdp_roots) if self.fsdp_roots else contextlib.nullcontext()
 
     def loss_context(self) -> contextlib.AbstractContextManager:
         return loss_context(self.loss_parallel)
@@ -143,32 +171,32 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
     """
     strategy = cfg.parallel.strategy
     layout = Layout.of(cfg.parallel, mesh.size() if mesh is not None else 1)
-    pp_mesh = submesh(mesh, "pp")
+    models = transformers_of(model)
+    pp_mesh, tp_mesh = submesh(mesh, "pp"), submesh(mesh, "tp")
+    if model is not models[0] and (pp_mesh is not None or tp_mesh is not None):
+        raise ValueError("a model of several Transformers runs under ddp, zero1, zero2 or fsdp, not tp or pp")
     if pp_mesh is not None:  # this rank keeps its stages' blocks, under their global names
         check_pipeline(cfg.parallel, model.cfg.n_layers, pp_microbatches)  # before any work, not at the first step
         prune_to_rank(model, pp_mesh.get_local_rank(), cfg.parallel)
-    tp_mesh = submesh(mesh, "tp")
     if tp_mesh is not None:  # + sequence parallel, + loss parallel: the logits stay vocabulary-sharded
         apply_tp(model, tp_mesh)
-    if cfg.activation_checkpointing:
-        _checkpoint_blocks(model)
-    if cfg.compile:  # in place: parameter names stay the model's
-        if mesh is None:  # one process: the whole model, so inductor fuses across blocks and into the loss
-            model.compile()  # (tiny on CPU: 1.25x the tokens/s of compiling each block)
-        else:  # each block, as torchtitan does: FSDP's and DDP's hooks and pipeline stages sit between blocks
-            for block in model.trf_blocks.values():
-                block.compile()
+    for each in models:
+        if cfg.activation_checkpointing:
+            _checkpoint_blocks(each)
+        if cfg.compile:  # in place: parameter names stay the model's
+            if mesh is None:  # one process: the whole model, so inductor fuses across blocks and into the loss
+                each.compile()  # (tiny on CPU: 1.25x the tokens/s of compiling each block)
+            else:  # each block, as torchtitan does: FSDP's and DDP's hooks and pipeline stages sit between blocks
+                for block in each.trf_blocks.values():
+                    block.compile()
     dp_mesh = submesh(mesh, "dp")
     forward: nn.Module | None = model
     mixed_precision = False
+    fsdp_roots: list[nn.Module] = []
     if dp_mesh is not None and strategy in SHARDED_STRATEGIES:
         mixed_precision = param_dtype is not None
-        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if mixed_precision \
-            else MixedPrecisionPolicy()
-        reshard = strategy != "zero2"
-        for block in model.trf_blocks.values():
-            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
-        fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+        _fully_shard(models, dp_mesh, _fsdp_policy(param_dtype), reshard=strategy != "zero2")
+        fsdp_roots = list(models)
     elif dp_mesh is not None:  # ddp, zero1
         device_ids = [device.index] if device.type == "cuda" else None
         forward = DistributedDataParallel(model, device_ids=device_ids, process_group=dp_mesh.get_group())
@@ -178,11 +206,25 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
             return build_schedule(model, cfg.parallel, pp_mesh.get_group(), pp_microbatches, device, loss_fn)
 
         forward = None
+    first, last = models[0], models[-1]
     return ParallelModel(model_parts=[model], forward=forward, layout=layout, mesh=mesh, strategy=strategy,
-                         schedule_factory=schedule_factory, has_first_stage=model.tok_emb is not None,
-                         has_last_stage=model.norm_f is not None, loss_parallel=tp_mesh is not None,
+                         schedule_factory=schedule_factory, has_first_stage=first.tok_emb is not None,
+                         has_last_stage=last.norm_f is not None, loss_parallel=tp_mesh is not None,
                          mixed_precision=mixed_precision,
-                         sync_every_micro_batch=dp_mesh is not None and cfg.parallel.grad_sync == "micro_batch")
+                         sync_every_micro_batch=dp_mesh is not None and cfg.parallel.grad_sync == "micro_batch",
+                         fsdp_roots=fsdp_roots)
+
+
+def parallelize_frozen(model: Transformer, mesh: DeviceMesh | None, cfg: TrainSection, *,
+                       param_dtype: torch.dtype | None = None) -> Transformer:
+    """A model that is only run forward (PPO's reference and reward model) in the trained model's
+    layout: FSDP shards under the sharded strategies (its forwards are then collective: every
+    rank calls it equally often), replicated otherwise. No gradients, eval mode."""
+    model.requires_grad_(False)
+    dp_mesh = submesh(mesh, "dp")
+    if dp_mesh is not None and cfg.parallel.strategy in SHARDED_STRATEGIES:
+        _fully_shard([model], dp_mesh, _fsdp_policy(param_dtype))
+    return model.eval()
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:

@@ -9,10 +9,14 @@ import torch
 
 from llmpipe.model.model import Transformer
 
+Generators = torch.Generator | list[torch.Generator] | None
+
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B, 1) from last-position logits (B, V). temperature 0 = greedy (argmax)."""
+                top_p: float | None = None, generator: Generators = None) -> torch.Tensor:
+    """Next token ids (B, 1) from last-position logits (B, V). temperature 0 = greedy (argmax).
+    `generator`: one for the batch, or one per row, so that a row's sample does not depend on
+    which rows share its batch (RL rollouts, the same on any number of ranks)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -27,6 +31,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(row, num_samples=1, generator=g) for row, g in zip(probs, generator)])[:, None]
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
@@ -45,7 +51,7 @@ def _in_inference_mode(fn):
 
 @_in_inference_mode
 def generate(model: Transformer, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+             top_k: int | None = None, top_p: float | None = None, generator: Generators = None,
              stop_id: int | None = None, use_cache: bool = True, prompt_mask: torch.Tensor | None = None,
              pad_id: int | None = None, on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Continue the prompts idx (B, T) by up to max_new_tokens; returns only the new ids (B, N).

@@ -40,8 +40,8 @@ from safetensors.torch import load_file
 from llmpipe import io
 from llmpipe.config import SHARDED_STRATEGIES, ModelSection, TrainSection
 from llmpipe.distributed import env
-from llmpipe.distributed.checkpoint import full_model_state, load_full_model_state
-from llmpipe.distributed.parallelize import ParallelModel, parallelize
+from llmpipe.distributed.checkpoint import full_model_state, gathered_model_state, load_full_model_state
+from llmpipe.distributed.parallelize import ParallelModel, parallelize, parallelize_frozen
 from llmpipe.errors import BadValue, UserError
 from llmpipe.faults import fault_point
 from llmpipe.model.model import Transformer
@@ -112,6 +112,15 @@ def steady_tokens_per_s(state: LoopState, steps: int, tokens: int) -> float:
     if steps > 1 and state.train_time_s > state.first_step_s:
         return tokens * (steps - 1) / steps / (state.train_time_s - state.first_step_s)
     return tokens / state.train_time_s if state.train_time_s else 0.0
+
+
+def loop_summary(state: LoopState, resumed_from: int, trainer: "Trainer") -> dict:
+    """What every training stage reports of its loop: steps, last losses, where it resumed, timing."""
+    steps_per_s = (state.step - resumed_from) / state.train_time_s if state.train_time_s else 0.0
+    return {"steps": state.step, "train_loss": state.train_loss, "heldout_loss": state.val_loss,
+            "resumed_from_step": resumed_from,
+            "timing": {"steps_per_s": steps_per_s, "peak_mem_mb": peak_memory_mb(trainer.device),
+                       "train_time_s": state.train_time_s}}
 
 
 # --- devices and numbers -------------------------------------------------------------------------
@@ -207,25 +216,34 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 # --- the model ---------------------------------------------------------------------------------
 
 
-def build_model(model_cfg: ModelSection, device: torch.device | str, init_from: Path | None = None,
-                head: str = "lm") -> Transformer:
-    """The transformer on `device`, initialised from the config, or with the weights of
-    `init_from` (an upstream stage's model.safetensors). On the meta device nothing is allocated:
-    the trainer parallelizes it first, then `materialize`s each rank's shards."""
+InitFrom = Path | dict[str, Path] | None  # a release's weights, or several under prefixes ({"policy": ..., "critic": ...})
+
+
+def build_model(model_cfg: ModelSection, device: torch.device | str, init_from: InitFrom = None,
+                head: str = "lm", build: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """The transformer (or what `build` makes: a module of Transformers) on `device`, initialised
+    from the config, or with the weights of `init_from` (an upstream stage's model.safetensors).
+    On the meta device nothing is allocated: the trainer parallelizes it first, then
+    `materialize`s each rank's shards."""
     with torch.device(device):
-        model = Transformer(model_cfg, head=head)
+        model = build() if build is not None else Transformer(model_cfg, head=head)
     if init_from is not None and str(device) != "meta":
         load_init([model], init_from)
     return model
 
 
-def load_init(parts: list[nn.Module], init_from: Path) -> None:
+def load_init(parts: list[nn.Module], init_from: InitFrom) -> None:
     """Upstream weights into `parts`. A score model started from a language model (the reward
     model from SFT) keeps its seeded score head: the file has none, and its LM head is unused."""
-    load_full_model_state(parts, load_file(str(init_from)), missing_ok=("score.weight",))
+    if isinstance(init_from, dict):
+        state = {f"{prefix}.{k}": v for prefix, path in init_from.items() for k, v in load_file(str(path)).items()}
+    else:
+        state = load_file(str(init_from))
+    heads = tuple(name for part in parts for name, _ in part.named_parameters() if name.endswith("score.weight"))
+    load_full_model_state(parts, state, missing_ok=heads)
 
 
-def materialize(parts: list[nn.Module], device: torch.device, seed: int, init_from: Path | None = None) -> None:
+def materialize(parts: list[nn.Module], device: torch.device, seed: int, init_from: InitFrom = None) -> None:
     """Allocate meta-device parts on `device` and initialise them where they live (or load `init_from`)."""
     torch.manual_seed(seed)
     for part in parts:
@@ -238,10 +256,13 @@ def materialize(parts: list[nn.Module], device: torch.device, seed: int, init_fr
 class Trainer:
     """Model, parallel layout and optimizer for one training stage; `fit` runs the steps."""
 
-    def __init__(self, model_cfg: ModelSection, cfg: TrainSection, *, seed: int, init_from: Path | None = None,
+    def __init__(self, model_cfg: ModelSection, cfg: TrainSection, *, seed: int, init_from: InitFrom = None,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 section: str = "pretrain", head: str = "lm"):
-        self.model_cfg, self.cfg, self.section, self.head = model_cfg, cfg, section, head
+                 section: str = "pretrain", head: str = "lm", build: Callable[[], nn.Module] | None = None):
+        """`head`: the Transformer's head ("lm", "score"); `build`: makes the model instead, a module
+        of Transformers trained together (PPO's policy and critic), with `init_from` a dict of
+        weights files by submodule name."""
+        self.model_cfg, self.cfg, self.section, self.head, self.seed = model_cfg, cfg, section, head, seed
         self.env = env.init_distributed(resolve_device(cfg.device, section).type)
         if self.env.world_size not in (1, cfg.world_size):
             raise BadValue(f"{section}.nproc * nnodes = {cfg.world_size}, but {self.env.world_size} processes were started")
@@ -256,15 +277,17 @@ class Trainer:
         # exists only as its shards. Not on CPU: DTensor's random init is CUDA-only, so there every
         # shard would get the same numbers (duplicate heads, rows); CPU ranks build the whole model
         # seeded, as one process does, and parallelize keeps their pieces
-        on_meta = self.env.world_size > 1 and self.device.type == "cuda" and (
+        self.on_meta = self.env.world_size > 1 and self.device.type == "cuda" and (
             cfg.parallel.strategy in SHARDED_STRATEGIES or self.layout.tp > 1 or self.layout.pp > 1)
         torch.manual_seed(seed)
-        model = build_model(model_cfg, "meta" if on_meta else self.device, None if on_meta else init_from, head)
-        fsdp_bf16 = self.dtype if cfg.parallel.strategy in SHARDED_STRATEGIES and self.device.type == "cuda" else None
-        self.parallel: ParallelModel = parallelize(model, self.mesh, cfg, device=self.device, param_dtype=fsdp_bf16,
+        model = build_model(model_cfg, "meta" if self.on_meta else self.device, None if self.on_meta else init_from,
+                            head, build)
+        self.fsdp_dtype = self.dtype if cfg.parallel.strategy in SHARDED_STRATEGIES and self.device.type == "cuda" else None
+        self.parallel: ParallelModel = parallelize(model, self.mesh, cfg, device=self.device, param_dtype=self.fsdp_dtype,
                                                    loss_fn=loss_fn, pp_microbatches=self.accumulation)
-        if on_meta:
+        if self.on_meta:
             materialize(self.parallel.model_parts, self.device, seed, init_from)
+        self._rollout_copy: Transformer | None = None
         self.autocast_dtype = None if self.parallel.mixed_precision else self.dtype
         self.optimizers = [self.parallel.build_optimizer(param_groups(part, cfg), torch.optim.AdamW,
                                                          **adamw_defaults(cfg, self.device))
@@ -303,13 +326,46 @@ class Trainer:
         """The whole single-device state dict on CPU, gathered from every rank, on rank 0 (empty elsewhere)."""
         return full_model_state(self.model_parts, self.mesh)
 
-    def save_release(self, out_dir: Path, config: dict | None = None, tracker: Tracker | None = None) -> None:
-        """The whole model gathered from every rank into `out_dir`/model.safetensors and
-        model_config.json, with `config` (the training config) as train_config.json; all three
-        logged to `tracker`. Rank 0 writes; the optimizer state stays in checkpoints/ (3x the weights)."""
+    def submodel(self, part: str | None = None) -> nn.Module:
+        """The trained model, or its submodule `part` (PPO's "policy", "critic"), as this rank holds it."""
+        return self.model_parts[0] if part is None else getattr(self.model_parts[0], part)
+
+    def frozen(self, init_from: Path, head: str = "lm") -> Transformer:
+        """A model that is only run forward (a reference, a reward model), with the weights of
+        `init_from`, in this trainer's layout (`parallelize_frozen`)."""
+        model = build_model(self.model_cfg, "meta" if self.on_meta else self.device,
+                            None if self.on_meta else init_from, head)
+        model = parallelize_frozen(model, self.mesh, self.cfg, param_dtype=self.fsdp_dtype)
+        if self.on_meta:
+            materialize([model], self.device, self.seed, init_from)
+        return model
+
+    def rollout_model(self, part: str | None = None) -> Transformer:
+        """The trained Transformer (or `part`) whole on this rank, to generate with, no collective
+        inside: the module itself, or under FSDP a local copy of its gathered weights, refreshed by
+        every call (collective), as RL frameworks sync weights into their inference engine."""
+        module = self.submodel(part)
+        if not self.parallel.sharded:
+            return module
+        state = gathered_model_state(module)
+        if self._rollout_copy is None:
+            self._rollout_copy = build_model(self.model_cfg, self.device, head=module.head)
+        self._rollout_copy.load_state_dict(state)
+        return self._rollout_copy
+
+    def save_release(self, out_dir: Path, config: dict | None = None, tracker: Tracker | None = None,
+                     part: str | None = None) -> None:
+        """The whole model (or its submodule `part`) gathered from every rank into
+        `out_dir`/model.safetensors and model_config.json, with `config` (the training config) as
+        train_config.json; all three logged to `tracker`. Rank 0 writes; the optimizer state stays
+        in checkpoints/ (3x the weights)."""
         state = self.full_model_state()
         if self.env.is_main:
-            write_release(state, self.model_cfg, out_dir, self.head)
+            head = self.head
+            if part is not None:
+                state = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+                head = self.submodel(part).head
+            write_release(state, self.model_cfg, out_dir, head)
             names = [WEIGHTS, RELEASE_CONFIG]
             if config is not None:
                 io.write_json(Path(out_dir) / "train_config.json", config)
