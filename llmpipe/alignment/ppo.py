@@ -357,6 +357,10 @@ class Rollouts:
         self._cycle_start, self._last_generation_s = now, t1 - t0
         self.last_stats = stats
         self.tracker.log_metrics({f"rollout/{k}": v for k, v in stats.items()}, step=index * self.steps_per_rollout)
+        if trainer.env.is_main:
+            print(f"rollout {index:4d} score {stats['score_mean']:.4f} (std {stats['score_std']:.3f}) kl_k1 "
+                  f"{stats['kl_k1']:.3f} length {stats['response_length']:.1f} truncated {stats['truncated']:.0%} "
+                  f"generation {t1 - t0:.2f}s scoring {t2 - t1:.2f}s", flush=True)
         return rows
 
 
