@@ -27,6 +27,8 @@ CASES = {
     "scaling.py": (["--strategies", "ddp", "--nproc", "1", "--steps", "2"], [r"^ddp\s+1\s+\d+\s+[\d,]+\s"]),
     "post_training.py": (["--steps", "1", "--warmup", "1", "--repeats", "1", "--examples", "60"],
                          [r"^sft packed\s+\d+\.\d+\s+[\d,]+", r"^dpo cached reference\s+\d+\.\d+"]),
+    "ppo.py": (["--prompts", "2", "--new-tokens", "4", "--repeats", "1", "--steps", "2", "--examples", "40"],
+               [r"^batch 16\s+\d+\s+[\d,]+\s+\d+\.\d+x", r"^generation\s+\d+\.\d+"]),
     "chat_generation.py": (["--batches", "1,2", "--new-tokens", "8", "--warmup", "1", "--repeats", "1", "--rounds", "1"],
                            [r"^llmpipe\s+2\s+[\d,]+", r"^llmpipe/transformers batch\s+2:\s+\d+\.\d+x"]),
 }

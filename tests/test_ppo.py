@@ -114,3 +114,15 @@ def test_layouts_that_do_not_divide_are_refused_naming_the_key():
     with pytest.raises(BadValue, match="12 responses must be a multiple of the 8"):
         check_layout(PPOSection(rollout_prompts=12), rows_per_step=8, dp=1)
     check_layout(PPOSection(advantage="grpo", rollout_prompts=2), rows_per_step=16, dp=2)  # 2 x 8 = 16
+
+
+def test_sampling_with_a_generator_per_row_follows_the_distribution():
+    """Inverse-transform sampling: frequencies match the probabilities; top-p's dropped tokens never come."""
+    from llmpipe.model.generate import sample_next
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]))[None].repeat(4000, 1)
+    generators = [torch.Generator().manual_seed(i) for i in range(4000)]
+    counts = torch.bincount(sample_next(logits, generator=generators)[:, 0], minlength=5) / 4000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]), atol=0.03)
+    top = sample_next(logits, top_p=0.7, generator=generators)[:, 0]  # keeps 0.5 and 0.3
+    assert set(top.tolist()) == {0, 1} and abs((top == 0).float().mean().item() - 0.5 / 0.8) < 0.03
