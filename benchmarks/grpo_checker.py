@@ -10,7 +10,9 @@ split as that stage splits them (by a hash of the question under the run's seed)
 held-out question is one SFT trained on. GRPO trains the run's SFT model (the `ppo` stage's
 code, `run_ppo`, into a temporary folder) with the run's config and the overrides below. Prints
 a table: for SFT and GRPO, greedy accuracy (the stage's `task_accuracy`) and sampled accuracy
-(temperature 1, `--samples` per prompt) on the held-out prompts, and GRPO's KL to SFT.
+(temperature 1, `--samples` per prompt) on the held-out prompts, GRPO's KL to SFT, and what
+always giving the held-out set's most common answer scores (a policy that found that one
+answer pays most often is not one that learned the task: compare with that row).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import random
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -74,7 +77,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["count"])
     parser.add_argument("--train-prompts", type=int, default=400)
     parser.add_argument("--heldout-prompts", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=160)
+    parser.add_argument("--steps", type=int, default=320)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--rollout-prompts", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8)
@@ -102,6 +105,8 @@ def main() -> None:
                          seed=config.run.seed)
         wall = time.perf_counter() - t0
         prompts = load_prompts([heldout], RowCounts("heldout"))
+        answers = Counter(p.answer for p in prompts)
+        majority, majority_n = answers.most_common(1)[0]  # what always giving one answer scores
         sampled = {name: sampled_accuracy(load_release(folder), encoder, prompts, cfg, args.samples)
                    for name, folder in (("sft", run.stage("sft")), ("grpo", work / "grpo"))}
     print(f"\nGRPO + checker on {', '.join(args.tasks)}: {args.steps} steps of {args.rollout_prompts} prompts x "
@@ -110,6 +115,7 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| sft | {result['task_accuracy_sft']:.3f} | {sampled['sft']:.3f} | 0 |")
     print(f"| grpo | {result['task_accuracy']:.3f} | {sampled['grpo']:.3f} | {result['heldout_kl']:.3f} |")
+    print(f"| always {majority!r} | {majority_n / len(prompts):.3f} | | |")
 
 
 if __name__ == "__main__":

@@ -311,3 +311,18 @@ def test_grpo_with_the_checker_trains_the_policy_alone(reward_run, tmp_path):
     assert counts["steps"] == 6 and counts["steps_per_rollout"] == 2 and counts["rollouts"] == 3
     assert 0 <= counts["last_rollout.score_mean"] <= 1  # checker rewards: the share of right replies
     assert not any(key.startswith("critic") for key in _weights(RunDir(run_dir).stage("ppo")))
+
+
+def test_the_exported_ppo_policy_is_a_causal_lm_with_our_logits(ppo_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmpipe.export import export_hf
+    from llmpipe.model.release import load_release
+
+    out = export_hf(ppo_run, "ppo", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    ids = torch.tensor([[0, 5, 17, 42, 3, 99]])
+    with torch.no_grad():
+        ours = load_release(RunDir(ppo_run).stage("ppo"))(ids)
+        theirs = hf(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
