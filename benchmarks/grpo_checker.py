@@ -44,13 +44,13 @@ from llmpipe.tokenizer.train import load_tokenizer  # noqa: E402
 
 
 def write_prompts(folder: Path, tasks: list[str], n_train: int, n_heldout: int, seed: int, fraction: float,
-                  max_operand: int) -> tuple[Path, Path]:
+                  max_operand: int, drop_answers: tuple[str, ...] = ()) -> tuple[Path, Path]:
     rng, seen = random.Random(seed + 1), set()
     splits: dict[str, list[dict]] = {"train": [], "heldout": []}
     for attempt in range(200 * (n_train + n_heldout)):
         q = make_question(tasks[attempt % len(tasks)], rng, max_operand)
         split = "heldout" if is_heldout(q.question, seed, fraction) else "train"
-        if q.question in seen or len(splits[split]) >= (n_train if split == "train" else n_heldout):
+        if q.question in seen or q.answer in drop_answers or len(splits[split]) >= (n_train if split == "train" else n_heldout):
             continue
         seen.add(q.question)
         splits[split].append({"prompt": q.question, "task": q.task, "answer": q.answer})
@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--rollout-prompts", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--drop-answers", nargs="*", default=[], help="leave out questions with these answers")
+    parser.add_argument("--max-operand", type=int, default=None, help="arithmetic operands (default: the config's)")
     parser.add_argument("--samples", type=int, default=4, help="samples per held-out prompt for sampled accuracy")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -98,7 +100,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         train, heldout = write_prompts(work, args.tasks, args.train_prompts, args.heldout_prompts, config.run.seed,
-                                       config.instruct.heldout_fraction, config.instruct.max_operand)
+                                       config.instruct.heldout_fraction, args.max_operand or config.instruct.max_operand,
+                                       tuple(args.drop_answers))
         t0 = time.perf_counter()
         result = run_ppo(config.model, cfg, sft_dir=run.stage("sft"), reward_dir=run.stage("reward"),
                          tokenizer_dir=run.tokenizer_dir, prompts=[train], heldout=[heldout], out_dir=work / "grpo",
