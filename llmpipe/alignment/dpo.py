@@ -31,7 +31,7 @@ from llmpipe.model.model import flops_per_token
 from llmpipe.model.release import WEIGHTS, load_release
 from llmpipe.tokenizer.train import load_tokenizer
 from llmpipe.tracking import NullTracker, Tracker
-from llmpipe.training.trainer import Trainer, TrainTask, loop_summary
+from llmpipe.training.trainer import Trainer, TrainTask
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -111,11 +111,7 @@ def run_dpo(model_cfg: ModelSection, cfg: DPOSection, *, init_from: Path, refere
     task = TrainTask("dpo", dpo_step_fn(cfg), train_loader, flops_per_token=flops_per_token(model_cfg),
                      val_loader=val_loader, eval_steps=max(1, len(heldout_items) // (micro * dp)))
     config = {"model": model_cfg.model_dump(mode="json"), "dpo": cfg.model_dump(mode="json"), "seed": seed}
-    state = trainer.resume(out_dir / "checkpoints", task)
-    resumed_from = state.step
-    state = trainer.fit(task, state, ckpt_root=out_dir / "checkpoints", config=config, tracker=tracker,
-                        stop_after=stop_after)
-    result = loop_summary(state, resumed_from, trainer)
+    state, result = trainer.resume_and_fit(task, out_dir, config, tracker, stop_after)
     result.update({
         "pairs": len(train_items),
         "heldout_pairs": len(heldout_items),

@@ -65,7 +65,7 @@ from llmpipe.model.release import WEIGHTS, load_release
 from llmpipe.tokenizer.special import PAD_ID
 from llmpipe.tokenizer.train import load_tokenizer
 from llmpipe.tracking import NullTracker, Tracker
-from llmpipe.training.trainer import Trainer, TrainTask, autocast, loop_summary
+from llmpipe.training.trainer import Trainer, TrainTask, autocast
 
 PER_TOKEN = ("old_logp", "ref_logp", "values", "advantages", "returns")  # per response token, in a rollout row
 
@@ -464,11 +464,7 @@ def run_ppo(model_cfg: ModelSection, cfg: PPOSection, *, sft_dir: Path, reward_d
     # policy forward and backward per response token, plus the critic's with GAE (generation and scoring not counted)
     task = TrainTask("ppo", ppo_step_fn(cfg), buffer, flops_per_token=flops_per_token(model_cfg) * (1 + gae))
     config = {"model": model_cfg.model_dump(mode="json"), "ppo": cfg.model_dump(mode="json"), "seed": seed}
-    state = trainer.resume(out_dir / "checkpoints", task)
-    resumed_from = state.step
-    state = trainer.fit(task, state, ckpt_root=out_dir / "checkpoints", config=config, tracker=tracker,
-                        stop_after=stop_after)
-    result = loop_summary(state, resumed_from, trainer)
+    state, result = trainer.resume_and_fit(task, out_dir, config, tracker, stop_after)
     del result["heldout_loss"]  # no held-out loss: the held-out numbers are the answers' below
     result.update(prompts=len(train_prompts), heldout_prompts=len(heldout_prompts), rollouts=buffer.rollout,
                   steps_per_rollout=steps_per_rollout,

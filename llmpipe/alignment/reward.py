@@ -33,7 +33,7 @@ from llmpipe.model.release import WEIGHTS, load_release
 from llmpipe.progress import progress
 from llmpipe.tokenizer.train import load_tokenizer
 from llmpipe.tracking import NullTracker, Tracker
-from llmpipe.training.trainer import Trainer, TrainTask, loop_summary
+from llmpipe.training.trainer import Trainer, TrainTask
 
 
 def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
@@ -100,11 +100,7 @@ def run_reward(model_cfg: ModelSection, cfg: RewardSection, *, init_from: Path, 
                      flops_per_token=flops_per_token(model_cfg, head="score"),
                      val_loader=val_loader, eval_steps=max(1, len(heldout_pairs) // (micro * dp)))
     config = {"model": model_cfg.model_dump(mode="json"), "reward": cfg.model_dump(mode="json"), "seed": seed}
-    state = trainer.resume(out_dir / "checkpoints", task)
-    resumed_from = state.step
-    state = trainer.fit(task, state, ckpt_root=out_dir / "checkpoints", config=config, tracker=tracker,
-                        stop_after=stop_after)
-    result = loop_summary(state, resumed_from, trainer)
+    state, result = trainer.resume_and_fit(task, out_dir, config, tracker, stop_after)
     result.update({
         "pairs": len(train_pairs),
         "heldout_pairs": len(heldout_pairs),

@@ -448,6 +448,15 @@ class Trainer:
         mean = torch.tensor([total / task.eval_steps * p.loss_weight], dtype=torch.float64, device=self.device)
         return float(env.all_reduce_sum(mean)[0])
 
+    def resume_and_fit(self, task: TrainTask, out_dir: Path, config: dict, tracker: Tracker | None = None,
+                       stop_after: int | None = None) -> tuple[LoopState, dict]:
+        """`resume` from `out_dir`/checkpoints and `fit` there: the final state and its `loop_summary`."""
+        state = self.resume(Path(out_dir) / "checkpoints", task)
+        resumed_from = state.step
+        state = self.fit(task, state, ckpt_root=Path(out_dir) / "checkpoints", config=config, tracker=tracker,
+                         stop_after=stop_after)
+        return state, loop_summary(state, resumed_from, self)
+
     def fit(self, task: TrainTask, state: LoopState, *, ckpt_root: Path, config: dict, tracker: Tracker | None = None,
             stop_after: int | None = None) -> LoopState:
         """Run optimizer steps state.step .. cfg.max_steps-1 and return the final state.
