@@ -17,6 +17,7 @@ a failed stage prints one line (its traceback is in its log) and exits 1.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 from llmpipe import config as configlib
 from llmpipe import console
 from llmpipe.errors import BadValue
+from llmpipe.paths import RunDir
 from llmpipe.runner import (
     add_config_args,
     add_stage_args,
@@ -141,6 +143,12 @@ def _print_summary(config: configlib.RunConfig, summary: dict) -> None:
     from llmpipe.tracking import tracking_uri
 
     uri = tracking_uri(config.run_dir.parent)
+    report_file = RunDir(config.run_dir).report_json
+    if "eval" in summary["stages"] and report_file.is_file():
+        from llmpipe.eval.report import terminal_table
+
+        print(f"\n{terminal_table(json.loads(report_file.read_text()))}")
+        print(f"report:        {RunDir(config.run_dir).report_md}")
     print(f"\nrun directory: {config.run_dir}   (logs: {config.run_dir / 'logs'})")
     print(f"MLflow run:    {summary['mlflow_run_id']} in {uri}")
     print(f"  UI:          mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")

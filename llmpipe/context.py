@@ -21,6 +21,7 @@ class StageContext:
     seed: int
     inputs: dict[str, Path | list[Path]] = field(default_factory=dict)  # input name -> folder, file or files to read
     tracker: Tracker = field(default_factory=NullTracker)
+    run_name: str = ""  # run.name: what the run's registered model is called after
 
 
 def encode_inputs(inputs: dict[str, Path | list[Path]]) -> dict[str, str | list[str]]:

@@ -17,7 +17,6 @@ as `llmpipe chat` does by default.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -29,9 +28,10 @@ from llmpipe.chat import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, default_max_new_tok
 from llmpipe.config import ModelSection
 from llmpipe.errors import UserError
 from llmpipe.model.release import CONFIG, WEIGHTS, load_config, load_head, write_safetensors
-from llmpipe.paths import MANIFEST, RunDir
+from llmpipe.paths import RunDir
 from llmpipe.tokenizer.chat import CHAT_TEMPLATE
 from llmpipe.tokenizer.special import END_OF_TURN, END_OF_TURN_ID, EOT, EOT_ID, PAD, PAD_ID
+from llmpipe.tokenizer.train import copy_tokenizer
 
 STOP_IDS = [EOT_ID, END_OF_TURN_ID]  # end of document, end of turn
 
@@ -111,19 +111,6 @@ def generation_config(cfg: ModelSection) -> dict:
             "do_sample": True, "temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P,
             "top_k": 0,  # none (transformers' default would be 50)
             "max_new_tokens": default_max_new_tokens(cfg.seq_len)}
-
-
-def copy_tokenizer(tokenizer_dir: Path, out: Path) -> list[str]:
-    """Copy the tokenizer stage's files (tokenizer.json, tokenizer_config.json, ...) into `out`."""
-    tokenizer_dir = Path(tokenizer_dir)
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        raise UserError(f"{tokenizer_dir / 'tokenizer.json'} is missing (run `llmpipe tokenizer` first)")
-    copied = []
-    for path in sorted(tokenizer_dir.iterdir()):
-        if path.is_file() and path.name != MANIFEST and not path.name.startswith(".") and path.suffix in (".json", ".jinja", ".txt", ".model"):
-            shutil.copyfile(path, Path(out) / path.name)
-            copied.append(path.name)
-    return copied
 
 
 def with_leading_eot(tokenizer: Tokenizer) -> Tokenizer:

@@ -10,7 +10,9 @@
       instruct/{sft,preferences,prompts}/{train,heldout}.jsonl  instruct: the default post-training data
       sft/, dpo/                  like pretrain/: checkpoints/, then model.safetensors + model_config.json
       dpo_reference/{reference,heldout}_logps.arrow  the SFT model's log-probs of each preference pair
+      eval/report.{json,md}, eval/plots/*.png, eval/tasks/<task>/  eval: the report card, lm-eval task folders
       <stage>/manifest.json       written last: the stage's completion marker
+      <stage>/.timing.json        the wall time of its last run (hidden: not an output)
       logs/<stage>.log            everything a stage printed or logged (the console shows a summary)
 """
 
@@ -72,6 +74,22 @@ class RunDir:
 
     def checkpoints_dir(self, phase: str) -> Path:
         return self.stage(phase) / "checkpoints"
+
+    def timing_file(self, stage: str) -> Path:
+        """<stage>/.timing.json: the wall time of the stage's last run; hidden, so not one of its outputs."""
+        return self.stage(stage) / ".timing.json"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.stage("eval")
+
+    @property
+    def report_json(self) -> Path:
+        return self.eval_dir / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.eval_dir / "report.md"
 
     def stage_log(self, stage: str) -> Path:
         """Outside the stage folder: a log holds wall-clock times, and a rerun appends to it."""

@@ -162,6 +162,14 @@ STAGES: dict[str, Stage] = {
                       "heldout": Input("instruct", "prompts_heldout_file", field="ppo.heldout_data")},
               methods=("ppo",), resumable=True, own_process=True,
               summary=("steps", "rm_score_sft", "rm_score", "heldout_kl", "task_accuracy")),
+        # after every stage: the report covers them all (its funnel, curves and stage table read their folders)
+        Stage("eval", "llmpipe.eval.evaluate:eval_stage", ("eval",),
+              inputs={"crawl": Input("crawl"), "prepare": Input("prepare"), "documents": Input("prepare", "documents_dir"),
+                      "tokenizer": Input("tokenizer"), "shard": Input("shard"),
+                      "pretrain": Input("pretrain"), "instruct": Input("instruct"), "sft": Input("sft"),
+                      "dpo_reference": Input("dpo_reference"), "dpo": Input("dpo"), "reward": Input("reward"),
+                      "ppo": Input("ppo"), "task_dirs": Input(field="eval.task_dirs")},
+              own_process=True, summary=("unigram_bpb", "pretrain.val_bpb", "sft.task_accuracy", "ppo.task_accuracy")),
     ]
 }
 
@@ -445,11 +453,12 @@ def _execute(stage: Stage, config: RunConfig, run_dir: RunDir, tracker: Tracker,
 
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     ctx = StageContext(name=name, run_dir=run_dir, out_dir=out_dir, seed=config.run.seed, inputs=paths,
-                       tracker=tracker)
+                       tracker=tracker, run_name=config.run.name)
     result = dict(_call_stage_function(stage, ctx, sections, config) or {})
     wall = time.perf_counter() - t0
 
     fault_point(name, "before_manifest")
+    io.write_json(run_dir.timing_file(name), {"wall_s": round(wall, 3)})  # hidden: not an output, the report's
     files = _output_files(out_dir)
     timing, _ = _split_counts(result.pop("timing", {}))
     metrics, details = _split_counts(result)

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 EXPERIMENT = "llmpipe"
+# MLflow 3's UI opens an experiment of this kind on its training runs, not on the GenAI overview
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class Tracker(Protocol):
@@ -58,11 +60,14 @@ def init_store(uri: str, runs_root: str | Path = "runs") -> str:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
+        for key, value in EXPERIMENT_TAGS.items():
+            if key not in experiment.tags:  # a store made before the tag; a kind someone chose stays
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     artifacts = None
     if uri.startswith("sqlite:"):  # keep artifacts beside the database, not in the working directory
         artifacts = (Path(runs_root).resolve() / "mlartifacts").as_uri()
-    return client.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    return client.create_experiment(EXPERIMENT, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
 
 
 class MlflowTracker:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from prefect import task
-from prefect.artifacts import TableArtifact
+from prefect.artifacts import MarkdownArtifact, TableArtifact
 from prefect.context import get_run_context
 from prefect.futures import PrefectFuture
 from prefect.transactions import get_transaction
@@ -22,6 +22,7 @@ from llmpipe import console, stages
 from llmpipe.config import RunConfig
 from llmpipe.paths import RunDir
 from llmpipe.tracking import MlflowTracker
+from tasks.tracking import publish_report
 
 RETRIES = {"crawl": 2}  # network stages retry; deterministic ones fail fast
 
@@ -99,4 +100,9 @@ def report(name: str, future: PrefectFuture, config: RunConfig, tracking: dict) 
                   description=f"**{name}** {'cached' if cached else 'ran'} in {result['wall_time_s']:.1f}s "
                               f"(cache key {result['cache_key'][:12]})",
                   task_run_id=future.task_run_id, flow_run_id=get_run_context().flow_run.id).create()
+    if name == "eval":  # the report card: on the flow's MLflow run and in the Prefect UI
+        markdown = publish_report(config, tracking)
+        MarkdownArtifact(key=re.sub(r"[^a-z0-9-]+", "-", f"{config.run.name}-report".lower()), markdown=markdown,
+                         description=f"report card of run {config.run.name}",
+                         flow_run_id=get_run_context().flow_run.id).create()
     return "cached" if cached else "ran"

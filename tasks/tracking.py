@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from typing import Iterator
 
 from llmpipe import tracking
 from llmpipe.config import RunConfig
 from llmpipe.errors import UserError
+from llmpipe.paths import RunDir
 
 
 @contextlib.contextmanager
@@ -43,3 +45,25 @@ def require_prefect_server() -> None:
         httpx.get(f"{url.rstrip('/')}/health", timeout=5).raise_for_status()
     except httpx.HTTPError as err:
         raise UserError(f"no Prefect server reachable at {url} ({err.__class__.__name__}): {hint}") from None
+
+
+def publish_report(config: RunConfig, tracking: dict) -> str:
+    """The eval stage's report on the flow's MLflow run: its files as artifacts, its headline
+    numbers as metrics, the champion as a tag. Returns the markdown (for the Prefect artifact)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    run_dir, client, run_id = RunDir(config.run_dir), MlflowClient(tracking["uri"]), tracking["parent_run_id"]
+    card = json.loads(run_dir.report_json.read_text())
+    for path in (run_dir.report_json, run_dir.report_md):
+        client.log_artifact(run_id, str(path), "report")
+    if (run_dir.eval_dir / "plots").is_dir():
+        client.log_artifacts(run_id, str(run_dir.eval_dir / "plots"), "report/plots")
+    metrics = {f"{name}.{key}": value for name, entry in card["checkpoints"].items() for key, value in entry.items()
+               if isinstance(value, (int, float)) and value == value}  # NaN is no metric
+    metrics["unigram_bpb"] = card["baselines"]["unigram_bpb"]
+    client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+    registry = card.get("registry") or {}
+    if registry.get("registered"):
+        client.set_tag(run_id, "llmpipe.champion", f"{registry['model_name']} v{registry['champion_version']}")
+    return run_dir.report_md.read_text()

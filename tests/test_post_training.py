@@ -29,6 +29,7 @@ SECTIONS = {
     # 4 prompts per rollout, 4 responses per step, 2 epochs: steps 1-2 serve rollout 0, 3-4 rollout 1, ...
     "ppo": {**TRAIN, "max_steps": 6, "lr": 1e-3, "rollout_prompts": 4, "epochs": 2, "max_new_tokens": 8,
             "generation_batch_size": 4, "eval_prompts": 8},
+    "eval": {"eval_prompts": 8, "max_new_tokens": 8, "ngram": 4, "limit": 20, "batch_size": 8},
 }
 
 
@@ -326,3 +327,127 @@ def test_the_exported_ppo_policy_is_a_causal_lm_with_our_logits(ppo_run, tmp_pat
         ours = load_release(RunDir(ppo_run).stage("ppo"))(ids)
         theirs = hf(input_ids=ids).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+# --- the eval stage on every model of this run ---------------------------------------------------------
+
+
+def _fake_data_stages(run_dir, planted: str) -> None:
+    """crawl and prepare 'completed': a documents folder in which one page copies `planted`, a
+    held-out question with its answer, and manifests with the funnel's counts."""
+    import gzip
+
+    from llmpipe import io
+
+    run = RunDir(run_dir)
+    rows = [{"text": f"A page about topic {i}: nothing here is a question from the evaluation sets.", "id": f"d{i}",
+             "metadata": {"url": f"http://127.0.0.1:8000/page{i}.html"}} for i in range(6)]
+    rows.insert(3, {"text": f"Copied from a quiz: {planted} That was the quiz.", "id": "leak",
+                    "metadata": {"url": "http://127.0.0.1:8000/leak.html"}})
+    documents = run.documents_dir / "00000.jsonl.gz"
+    documents.parent.mkdir(parents=True, exist_ok=True)
+    documents.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode(), mtime=0))
+    for name, counts in (("crawl", {"pages_fetched": 9}),
+                         ("prepare", {"pages_in": 9, "kept_after.language": 8, "kept_after.minhash": 7, "documents": 7})):
+        files = {str(p.relative_to(run.stage(name))): {"sha256": io.sha256_file(p)} for p in run.stage(name).rglob("*.gz")}
+        io.write_json(run.manifest(name), {"stage": name, "files": files, "fingerprint": f"{name}-fake", "counts": counts,
+                                           "config_hash": f"{name}-config", "code_version": f"{name}-code"})
+
+
+@pytest.fixture(scope="module")
+def eval_run(ppo_run, dpo_run):
+    from llmpipe.alignment.data import RowCounts, load_prompts
+
+    prompt = load_prompts([RunDir(ppo_run).prompts_heldout_file], RowCounts("t"))[0]
+    _fake_data_stages(ppo_run, f"{prompt.prompt[-1]['content']} {prompt.answer}")
+    stages.execute("eval", config_for(ppo_run))
+    return ppo_run, prompt
+
+
+def test_eval_reports_every_checkpoint_of_the_graph(eval_run):
+    run_dir, _ = eval_run
+    run = RunDir(run_dir)
+    card = json.loads(run.report_json.read_text())
+    assert set(card["checkpoints"]) == {"pretrain", "sft", "dpo", "ppo", "reward"}
+    for name in ("pretrain", "sft", "dpo", "ppo"):
+        entry = card["checkpoints"][name]
+        for key in ("val_loss", "val_bpb", "task_accuracy", "pref_accuracy", "rm_score"):
+            assert math.isfinite(entry[key]), (name, key)
+        # bits per byte: the same summed nats over the bytes the scored tokens decode to
+        assert entry["val_bpb"] == pytest.approx(entry["val_loss"] * entry["val_tokens"] / entry["val_bytes"] / math.log(2))
+        task = entry["tasks"]["instruct_choice"]
+        assert set(task) >= {"acc", "acc_norm", "stderr", "n", "n_contaminated"} and 0 < task["n"] <= 20
+        assert len(entry["examples"]) == 3
+    assert "stdlib_objects" not in card["checkpoints"]["sft"]["tasks"]  # no documentation questions in this run
+    assert 0 <= card["checkpoints"]["reward"]["pairwise_accuracy"] <= 1 and card["checkpoints"]["reward"]["n"] > 0
+    assert math.isfinite(card["baselines"]["unigram_bpb"])
+    assert card["baselines"]["chance"]["instruct_choice"] == pytest.approx(0.25, abs=0.1)
+    assert card["funnel"] == {"pages_crawled": 9, "pages_extracted": 9, "after_language": 8, "after_minhash": 7,
+                              "documents": 7}  # this run's shard stage is a stand-in without counts
+    for name in ("pretrain", "sft", "dpo", "reward", "ppo", "instruct"):
+        manifest = json.loads(run.manifest(name).read_text())
+        assert card["stages"][name]["config_hash"] == manifest["config_hash"]
+        assert card["stages"][name]["wall_s"] > 0
+    assert card["registry"] == {"registered": False, "reason": "the run is not tracked (no MLflow run for this stage)"}
+    plots = sorted(p.name for p in (run.eval_dir / "plots").iterdir())
+    assert plots == ["dpo.png", "ppo.png", "pretrain.png", "reward.png", "sft.png"]
+    assert all((run.eval_dir / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
+    markdown = run.report_md.read_text()
+    assert "| model | val loss | val bpb |" in markdown and "![sft](plots/sft.png)" in markdown
+
+
+def test_eval_flags_the_planted_item_by_its_page(eval_run):
+    run_dir, prompt = eval_run
+    card = json.loads(RunDir(run_dir).report_json.read_text())
+    prompts = card["contamination"]["sets"]["heldout_prompts"]
+    assert prompts["examples"][0] == {"id": str(prompt.index), "source": "http://127.0.0.1:8000/leak.html"}
+    assert 1 <= prompts["n_contaminated"] < prompts["n"]  # the clean ones are not flagged
+    task = card["checkpoints"]["sft"]["tasks"]["instruct_choice"]
+    if task["n_contaminated"]:  # the planted question is among the task's first 20 items
+        assert task["n_clean"] == task["n"] - task["n_contaminated"]
+
+
+def test_eval_rerun_writes_the_same_report(eval_run):
+    run_dir, _ = eval_run
+    run = RunDir(run_dir)
+    before = run.report_json.read_bytes(), json.loads(run.manifest("eval").read_text())["fingerprint"]
+    stages.execute("eval", config_for(run_dir))
+    assert (run.report_json.read_bytes(), json.loads(run.manifest("eval").read_text())["fingerprint"]) == before
+
+
+def test_eval_in_the_flow_publishes_the_report_and_crowns_a_champion_that_generates(eval_run, tmp_path):
+    """The real Prefect engine and MLflow store: the report on the flow's run and as a Prefect
+    artifact, the chat model registered with the alias `champion`; a rerun is cached and registers nothing."""
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import pipeline
+    from llmpipe.config import dump
+    from llmpipe.eval.registry import load_champion
+    from llmpipe.tracking import tracking_uri
+
+    run_dir = _copy_run(eval_run[0], tmp_path / "runs" / "t", without=("eval",))
+    config_path = tmp_path / "t.yaml"
+    config_path.write_text(dump(config_for(run_dir)))
+    summary = pipeline(config_path=str(config_path), run_dir=str(run_dir), only="eval")
+    assert summary["stages"] == {"eval": "ran"}
+    registry = json.loads(RunDir(run_dir).report_json.read_text())["registry"]
+    assert registry["registered"] and registry["promoted"] and registry["version"] == registry["champion_version"] == 1
+    assert registry["model_name"] == "llmpipe-t" and registry["reason"] == "first version: no champion yet"
+    uri = tracking_uri(run_dir.parent)
+    replies = load_champion(uri, "llmpipe-t").predict(["What is 2 + 3?"], params={"max_new_tokens": 4})
+    assert len(replies) == 1 and isinstance(replies[0], str)
+
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md", "report/report.json"}
+    card = json.loads(RunDir(run_dir).report_json.read_text())
+    assert parent.data.metrics["sft.val_bpb"] == pytest.approx(card["checkpoints"]["sft"]["val_bpb"])
+    assert parent.data.tags["llmpipe.champion"] == "llmpipe-t v1"
+    with get_client(sync_client=True) as prefect:
+        artifacts = [a for a in prefect.read_artifacts() if a.key == "t-report"]
+    assert artifacts and "| model | val loss | val bpb |" in artifacts[0].data
+
+    again = pipeline(config_path=str(config_path), run_dir=str(run_dir), only="eval")
+    assert again["stages"] == {"eval": "cached"}
+    assert [v.version for v in client.search_model_versions("name='llmpipe-t'")] == [1]

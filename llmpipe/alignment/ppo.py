@@ -44,14 +44,13 @@ import torch
 import torch.nn as nn
 
 from llmpipe.alignment import rl
+from llmpipe.alignment.answers import model_scores, reply_text
 from llmpipe.alignment.checker import check
 from llmpipe.alignment.data import Prompt, RowCounts, load_prompts
 from llmpipe.alignment.render import (
     ChatEncoder,
     completion_batch,
     left_padded,
-    score_batch,
-    scores_at,
     token_logps,
 )
 from llmpipe.config import ModelSection, PPOSection
@@ -137,25 +136,9 @@ def response_values(critic: nn.Module, pairs: list[tuple[list[int], list[int]]],
     return out
 
 
-@torch.no_grad()
-def model_scores(reward_model: nn.Module, pairs: list[tuple[list[int], list[int]]], batch_size: int) -> list[float]:
-    """The reward model's score of each whole conversation (prompt + response), at its last token."""
-    out = []
-    for start in range(0, len(pairs), batch_size):
-        batch = score_batch([p + r for p, r in pairs[start:start + batch_size]])
-        device = next(reward_model.parameters()).device
-        out += scores_at(reward_model(batch["input_ids"].to(device)), batch["last"].to(device)).float().cpu().tolist()
-    return out
-
-
 def checker_scores(encoder: ChatEncoder, prompts: list[Prompt], responses: list[list[int]]) -> list[float]:
     """1.0 where the task checker accepts the decoded reply, else 0.0."""
     return [float(check(p.task, reply_text(encoder, r), p.answer)) for p, r in zip(prompts, responses)]
-
-
-def reply_text(encoder: ChatEncoder, response: list[int]) -> str:
-    ids = response[:-1] if response and response[-1] == encoder.end else response
-    return encoder.tokenizer.decode([t for t in ids if t != PAD_ID], skip_special_tokens=False)
 
 
 # --- advantages --------------------------------------------------------------------------------------

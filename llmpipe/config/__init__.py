@@ -30,6 +30,7 @@ from llmpipe.config.data import (
     SlurmOptions,
     TokenizerSection,
 )
+from llmpipe.config.evaluation import BUILTIN_TASKS, CHAMPION_METRICS, EvalSection
 from llmpipe.config.post_training import (
     ALIGN_METHODS,
     AlignSection,
@@ -49,11 +50,11 @@ from llmpipe.config.training import (
 )
 
 __all__ = [
-    "ALIGN_METHODS", "SHARDED_STRATEGIES", "AlignSection", "C4QualityConfig", "ConfigError", "CrawlSection",
-    "DPOReferenceSection", "DPOSection", "FineWebQualityConfig", "GopherQualityConfig", "GopherRepetitionConfig",
+    "ALIGN_METHODS", "BUILTIN_TASKS", "CHAMPION_METRICS", "SHARDED_STRATEGIES", "AlignSection", "C4QualityConfig", "ConfigError", "CrawlSection",
+    "DPOReferenceSection", "DPOSection", "EvalSection", "FineWebQualityConfig", "GopherQualityConfig", "GopherRepetitionConfig",
     "InstructSection", "LanguageFilterConfig", "MinhashConfig", "ModelSection", "ParallelConfig", "PPOSection", "PrepareSection",
     "PretrainSection", "RayOptions", "RewardSection", "RunConfig", "RunSection", "SFTSection", "Section", "ShardSection",
-    "SlurmOptions", "TokenizerSection", "TrainSection", "dump", "load", "parse_override", "validate",
+    "SlurmOptions", "TokenizerSection", "TrainSection", "dump", "load", "parse_override", "read_yaml", "to_yaml", "validate",
 ]
 
 
@@ -79,6 +80,7 @@ class RunConfig(Section):
     dpo: DPOSection = DPOSection()
     reward: RewardSection = RewardSection()
     ppo: PPOSection = PPOSection()
+    eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
@@ -174,6 +176,18 @@ def load(path: str | Path, overrides: list[str] = (), run_dir: str | Path | None
     if run_dir is not None:
         _set_dotted(tree, "run.run_dir", str(run_dir))
     return validate(tree)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Any YAML file of ours to read (an lm-eval task file, say), as parsed; invalid YAML fails naming the file."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+
+
+def to_yaml(tree: Any) -> str:
+    return yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
 
 
 def dump(config: RunConfig) -> str:

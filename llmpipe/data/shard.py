@@ -154,7 +154,7 @@ def write_shards(texts: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path
     tokenizer = shard_tokenizer(tokenizer)
     dtype = token_dtype(tokenizer.get_vocab_size())
     per_shard = max(seq_len, tokens_per_shard // seq_len * seq_len)
-    text_bytes = 0
+    split_bytes = {split: 0 for split in SPLITS}
     with ThreadPoolExecutor(ENCODE_DEPTH, thread_name_prefix="encode") as encode_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
         writers = {s: _SplitWriter(s, out_dir, per_shard, seq_len, dtype, write_pool) for s in SPLITS}
@@ -167,7 +167,7 @@ def write_shards(texts: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path
                 data = text.encode("utf-8")
                 split = "val" if is_val(data, seed, val_fraction) else "train"
                 arrays[split].append(np.array(encoding.ids, dtype=dtype))
-                text_bytes += len(data)
+                split_bytes[split] += len(data)
             for split in SPLITS:
                 writers[split].add(arrays[split])
         for writer in writers.values():
@@ -180,7 +180,9 @@ def write_shards(texts: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path
         "val_tokens": writers["val"].tokens,
         "train_shards": len(writers["train"].shards),
         "val_shards": len(writers["val"].shards),
-        "bytes": text_bytes,
+        "bytes": sum(split_bytes.values()),
+        "train_bytes": split_bytes["train"],
+        "val_bytes": split_bytes["val"],  # the denominator of bits per byte on the held-out split
         "tokens_per_shard": per_shard,
         "dtype": dtype.name,
         "shards": writers["train"].shards + writers["val"].shards,

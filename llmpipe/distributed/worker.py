@@ -40,7 +40,8 @@ def run_job(job: dict, rank: int) -> dict:
     stage = STAGES[job["stage"]]
     tracker = tracker_for_rank(rank, job["tracking"])
     ctx = StageContext(name=stage.name, run_dir=RunDir(config.run_dir), out_dir=Path(job["out_dir"]),
-                       seed=config.run.seed, inputs=decode_inputs(job["inputs"]), tracker=tracker)
+                       seed=config.run.seed, inputs=decode_inputs(job["inputs"]), tracker=tracker,
+                       run_name=config.run.name)
     try:
         result = stage.function()(ctx, *[config.section(name) for name in stage.sections]) or {}
     finally:

@@ -13,6 +13,7 @@ printable symbols (no prefix space, no normalizer), the decoder maps them back, 
 
 from __future__ import annotations
 
+import shutil
 import time
 from itertools import islice
 from pathlib import Path
@@ -137,6 +138,19 @@ def tokenizer_stage(ctx, cfg: TokenizerSection) -> dict:
         "special_tokens": [[token, tokenizer.token_to_id(token)] for token in SPECIAL_TOKENS],  # a detail
         "timing": {"seconds": seconds},  # this run's: MLflow only
     }
+
+
+def copy_tokenizer(tokenizer_dir: Path, out: Path) -> list[str]:
+    """Copy the tokenizer stage's files (tokenizer.json, tokenizer_config.json, ...) into `out`."""
+    tokenizer_dir = Path(tokenizer_dir)
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise MissingInput(f"{tokenizer_dir / 'tokenizer.json'} is missing (run `llmpipe tokenizer` first)")
+    copied = []
+    for path in sorted(tokenizer_dir.iterdir()):
+        if path.is_file() and path.name != "manifest.json" and not path.name.startswith(".") and path.suffix in (".json", ".jinja", ".txt", ".model"):
+            shutil.copyfile(path, Path(out) / path.name)
+            copied.append(path.name)
+    return copied
 
 
 if __name__ == "__main__":

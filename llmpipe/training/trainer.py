@@ -99,6 +99,7 @@ class LoopState:
     train_loss: float | None = None  # loss of the last step
     val_loss: float | None = None  # last validation loss
     history: list = field(default_factory=list)  # (step, val_loss) pairs
+    train_history: list = field(default_factory=list)  # (step, train_loss) at every log step: the training curve
 
     def to_json(self) -> dict:
         """All but the wall times: a checkpoint holds no run-specific value, so the same run saves the
@@ -525,6 +526,7 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
 
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+                state.train_history.append((state.step, loss_value))
                 tps = window_tokens / window_time
                 mfu = tps * task.flops_per_token / peak
                 tracker.log_metrics({"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
