@@ -117,7 +117,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="eval-bench-"))
     if args.run_dir:
-        run_dir, stage = RunDir(args.run_dir), args.stage
+        run_dir, stage = RunDir(args.run_dir.resolve()), args.stage  # resolved: the benchmark changes directory
         yaml_path = run_dir.eval_dir / "tasks" / args.task / f"{args.task}.yaml"
     else:
         run_dir, stage = RunDir(work / "run"), "pretrain"

@@ -29,6 +29,8 @@ CASES = {
                          [r"^sft packed\s+\d+\.\d+\s+[\d,]+", r"^dpo cached reference\s+\d+\.\d+"]),
     "ppo.py": (["--prompts", "2", "--new-tokens", "4", "--repeats", "1", "--steps", "2", "--examples", "40"],
                [r"^batch 16\s+\d+\s+[\d,]+\s+\d+\.\d+x", r"^generation\s+\d+\.\d+"]),
+    "eval_multiple_choice.py": (["--items", "16", "--repeats", "1", "--batch-size", "8"],
+                                [r"^llmpipe\s+\d+\.\d+\s+\d", r"acc and acc_norm equal on every item: True$"]),
     "chat_generation.py": (["--batches", "1,2", "--new-tokens", "8", "--warmup", "1", "--repeats", "1", "--rounds", "1"],
                            [r"^llmpipe\s+2\s+[\d,]+", r"^llmpipe/transformers batch\s+2:\s+\d+\.\d+x"]),
 }

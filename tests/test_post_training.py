@@ -451,3 +451,24 @@ def test_eval_in_the_flow_publishes_the_report_and_crowns_a_champion_that_genera
     again = pipeline(config_path=str(config_path), run_dir=str(run_dir), only="eval")
     assert again["stages"] == {"eval": "cached"}
     assert [v.version for v in client.search_model_versions("name='llmpipe-t'")] == [1]
+
+
+def test_llmpipe_eval_reruns_the_stage_alone_with_a_task_folder_of_ones_own(eval_run, tmp_path, capsys):
+    """`llmpipe eval --config C --run-dir D --set 'eval.task_dirs=["DIR"]'` on a finished run."""
+    from llmpipe.cli import main
+    from llmpipe.config import dump
+    from llmpipe.eval.tasks import write_task
+
+    run_dir = _copy_run(eval_run[0], tmp_path / "runs" / "t", without=("eval",))
+    config_path = tmp_path / "t.yaml"
+    config_path.write_text(dump(config_for(run_dir)))
+    docs = [{"question": f"What is {a} + 1?", "choices": [str(a + 1), str(a + 2)], "label": 0} for a in range(6)]
+    write_task(tmp_path / "mine" / "plus_one", "plus_one", docs[:4], docs[4:], doc_to_text="{{question}}", num_fewshot=1)
+    args = ["eval", "--config", str(config_path), "--run-dir", str(run_dir)]
+    assert main([*args, "--set", "eval.task_dirs=[/no/such/folder]"]) == 2
+    assert "eval.task_dirs=[\"/no/such/folder\"]: not a folder: /no/such/folder" in capsys.readouterr().err
+    assert main([*args, "--set", f"eval.task_dirs=[{tmp_path / 'mine'}]"]) == 0
+    card = json.loads(RunDir(run_dir).report_json.read_text())
+    assert set(card["checkpoints"]["sft"]["tasks"]) == {"instruct_choice", "plus_one"}
+    assert card["checkpoints"]["sft"]["tasks"]["plus_one"]["n"] == 4 and card["baselines"]["chance"]["plus_one"] == 0.5
+    assert card["registry"]["registered"] and card["registry"]["model_name"] == "llmpipe-t"
