@@ -167,24 +167,14 @@ class TrainingIndex:
         `content` is taken), joined by newlines: `messages`, `prompt`/`completion` and
         `prompt`/`chosen`/`rejected` rows all work with the default fields. The source is
         `<name>:<line>` (1-based; `name` defaults to the file's name)."""
-        path = Path(path)
-        opener = gzip.open if path.name.endswith(".gz") else open
-        added = 0
-        with opener(path, "rb") as f:
-            for line, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw)
-                except ValueError:
-                    self.skipped["malformed_json"] += 1
-                    continue
-                text = "\n".join(_strings([row.get(k) for k in fields])) if isinstance(row, dict) else ""
-                if not text.strip():
-                    self.skipped["no_text" if isinstance(row, dict) else "not_an_object"] += 1
-                    continue
-                self.add(f"{name or path.name}:{line}", text)
-                added += 1
+        path, added = Path(path), 0
+        for line, row in _records(path, self.skipped):
+            text = "\n".join(_strings([row.get(k) for k in fields]))
+            if not text.strip():
+                self.skipped["no_text"] += 1
+                continue
+            self.add(f"{name or path.name}:{line}", text)
+            added += 1
         return added
 
     def __len__(self) -> int:
