@@ -55,7 +55,7 @@ def run_lm_eval(export, task_dir, task: str, monkeypatch) -> list[dict]:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     results = simple_evaluate(model="hf", model_args=f"pretrained={export},dtype=float32,add_bos_token=True",
-                              tasks=[task], task_manager=TaskManager(include_path=str(task_dir)), batch_size=8,
+                              tasks=[task], task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), batch_size=8,
                               device="cpu", log_samples=True)
     return sorted(results["samples"][task], key=lambda s: s["doc_id"])
 

@@ -407,17 +407,10 @@ def test_eval_flags_the_planted_item_by_its_page(eval_run):
         assert task["n_clean"] == task["n"] - task["n_contaminated"]
 
 
-def test_eval_rerun_writes_the_same_report(eval_run):
-    run_dir, _ = eval_run
-    run = RunDir(run_dir)
-    before = run.report_json.read_bytes(), json.loads(run.manifest("eval").read_text())["fingerprint"]
-    stages.execute("eval", config_for(run_dir))
-    assert (run.report_json.read_bytes(), json.loads(run.manifest("eval").read_text())["fingerprint"]) == before
-
-
 def test_eval_in_the_flow_publishes_the_report_and_crowns_a_champion_that_generates(eval_run, tmp_path):
     """The real Prefect engine and MLflow store: the report on the flow's run and as a Prefect
-    artifact, the chat model registered with the alias `champion`; a rerun is cached and registers nothing."""
+    artifact, the chat model registered with the alias `champion`; a rerun is cached and registers
+    nothing. The run was moved: its report is the first one's but for the registry."""
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
 
@@ -442,6 +435,10 @@ def test_eval_in_the_flow_publishes_the_report_and_crowns_a_champion_that_genera
     parent = client.get_run(summary["mlflow_run_id"])
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md", "report/report.json"}
     card = json.loads(RunDir(run_dir).report_json.read_text())
+    first = json.loads(RunDir(eval_run[0]).report_json.read_text())
+    assert {**card, "registry": None} == {**first, "registry": None}
+    for plot in (RunDir(eval_run[0]).eval_dir / "plots").iterdir():
+        assert (RunDir(run_dir).eval_dir / "plots" / plot.name).read_bytes() == plot.read_bytes()
     assert parent.data.metrics["sft.val_bpb"] == pytest.approx(card["checkpoints"]["sft"]["val_bpb"])
     assert parent.data.tags["llmpipe.champion"] == "llmpipe-t v1"
     with get_client(sync_client=True) as prefect:

@@ -44,7 +44,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from llmpipe.config import SHARDED_STRATEGIES, TrainSection
 from llmpipe.distributed.env import Layout, local_rank_in, submesh
-from llmpipe.distributed.pipeline import build_schedule, check_pipeline, prune_to_rank
 from llmpipe.distributed.tensor_parallel import apply_tp, loss_context
 from llmpipe.model.model import Transformer
 
@@ -176,6 +175,9 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainSection, *,
     if model is not models[0] and (pp_mesh is not None or tp_mesh is not None):
         raise ValueError("a model of several Transformers runs under ddp, zero1, zero2 or fsdp, not tp or pp")
     if pp_mesh is not None:  # this rank keeps its stages' blocks, under their global names
+        # imported here: torch.distributed.pipelining loads torch's compiler, ~1 s of every worker's start
+        from llmpipe.distributed.pipeline import build_schedule, check_pipeline, prune_to_rank
+
         check_pipeline(cfg.parallel, model.cfg.n_layers, pp_microbatches)  # before any work, not at the first step
         prune_to_rank(model, pp_mesh.get_local_rank(), cfg.parallel)
     if tp_mesh is not None:  # + sequence parallel, + loss parallel: the logits stay vocabulary-sharded
