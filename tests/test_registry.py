@@ -17,6 +17,7 @@ from llmpipe.alignment.answers import answer
 from llmpipe.alignment.render import ChatEncoder
 from llmpipe.config import ModelSection
 from llmpipe.errors import BadValue
+from llmpipe.eval.evaluate import champion_candidate
 from llmpipe.eval.registry import DEFAULT_MAX_NEW_TOKENS, load_champion, log_chat_model, register_champion
 from llmpipe.model import Transformer
 from llmpipe.model.release import load_release, save_release
@@ -146,3 +147,14 @@ def test_the_experiment_opens_on_training_runs(store):
     init_store(store["uri"], store["root"])
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "finetuning"
     client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+
+
+def test_the_candidate_is_the_best_chat_model_and_the_earlier_one_on_a_tie():
+    checkpoints = {"pretrain": {"task_accuracy": 0.9}, "sft": {"task_accuracy": 0.1}, "dpo": {"task_accuracy": 0.05},
+                   "ppo": {"task_accuracy": 0.1}, "reward": {"pairwise_accuracy": 0.7}}
+    assert champion_candidate(checkpoints, "task_accuracy") == "sft"  # the base model does not chat
+    checkpoints["ppo"]["task_accuracy"] = 0.2
+    assert champion_candidate(checkpoints, "task_accuracy") == "ppo"
+    checkpoints["ppo"]["task_accuracy"] = float("nan")
+    assert champion_candidate(checkpoints, "task_accuracy") == "sft"
+    assert champion_candidate({"pretrain": {"task_accuracy": 0.9}}, "task_accuracy") is None

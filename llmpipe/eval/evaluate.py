@@ -144,10 +144,11 @@ class Evaluator:
 
 
 def champion_candidate(checkpoints: dict, metric: str) -> str | None:
-    """The run's best chat model by `metric` (the later stage on a tie), or None without one."""
-    scored = [(checkpoints[name].get(metric, math.nan), i, name) for i, name in enumerate(CHAT_MODELS)
-              if name in checkpoints]
-    scored = [s for s in scored if not math.isnan(s[0])]
+    """The run's best chat model by `metric`, or None without one. On a tie the earlier stage: more
+    optimisation that did not move the metric is no reason to ship (PPO against a small reward
+    model can tie SFT's accuracy while it learns to answer with nothing)."""
+    scored = [(value, -i, name) for i, name in enumerate(CHAT_MODELS)
+              if name in checkpoints and not math.isnan(value := checkpoints[name].get(metric, math.nan))]
     return max(scored)[2] if scored else None
 
 

@@ -183,7 +183,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
 def registry_line(registry: dict) -> str:
     if not registry.get("registered"):
         return f"not registered: {registry['reason']}"
-    return (f"`{registry['model_name']}` version {registry['version']} registered; "
+    return (f"`{registry['model_name']}` version {registry['version']} ({registry['checkpoint']}) registered; "
             f"`@champion` is version {registry['champion_version']}: {registry['reason']}")
 
 
