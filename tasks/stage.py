@@ -20,11 +20,23 @@ from prefect.transactions import get_transaction
 
 from llmpipe import console, stages
 from llmpipe.config import RunConfig
+from llmpipe.errors import UserError
 from llmpipe.paths import RunDir
 from llmpipe.tracking import MlflowTracker
 from tasks.tracking import publish_report
 
 RETRIES = {"crawl": 2}  # network stages retry; deterministic ones fail fast
+
+
+def _not_the_users_error(task, task_run, state) -> bool:
+    """Retry a failure the network may not repeat; a user's error (a crawl that kept no page) would."""
+    try:
+        state.result()
+    except UserError:
+        return False
+    except BaseException:
+        return True
+    return True
 
 
 def _cache_key(context, parameters) -> str:
@@ -72,7 +84,8 @@ def stage_task(name: str, config: RunConfig, external: dict[str, str], tracking:
 def stage_options(name: str, config: RunConfig, force: bool):
     """The stage task as this stage runs it: its results inside its folder, its retries, forced or not."""
     return stage_task.with_options(result_storage=RunDir(config.run_dir).prefect_results(name),
-                                   refresh_cache=True if force else None, retries=RETRIES.get(name, 0))
+                                   refresh_cache=True if force else None, retries=RETRIES.get(name, 0),
+                                   retry_condition_fn=_not_the_users_error)
 
 
 def report(name: str, future: PrefectFuture, config: RunConfig, tracking: dict) -> str:

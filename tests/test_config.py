@@ -62,3 +62,12 @@ def test_section_digest_tracks_values():
     b = configlib.load("configs/tiny.yaml", ["shard.seq_len=128"])
     assert a.shard.digest() != b.shard.digest()
     assert a.tokenizer.digest() == b.tokenizer.digest()
+
+
+@pytest.mark.parametrize("seed", ["file:///etc/passwd", "ftp://example.org/a.html", "javascript:alert(1)", "http:///a"])
+def test_a_seed_that_is_not_a_web_url_is_refused_when_the_config_is_read(seed):
+    with pytest.raises(ConfigError) as err:
+        configlib.load("configs/tiny.yaml", [f"crawl.seeds=[{seed!r}]"])
+    message = str(err.value)
+    assert message == (f"config error: crawl.seeds=[\"{seed}\"]: {seed!r} is not an http(s) URL with a host "
+                       "(allowed schemes: http, https)") and "\n" not in message

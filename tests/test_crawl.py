@@ -318,6 +318,26 @@ def test_truncated_warc_is_repaired(sites, tmp_path):
     assert len(urls) == len(set(urls)) == 6
 
 
+def test_a_crawl_that_keeps_no_page_fails_and_says_why(sites, tmp_path):
+    """Seeds that all fail (a plain-text 404, a page robots.txt disallows): the stage stops with the
+    reasons, and no manifest."""
+    from llmpipe import stages
+    from llmpipe.config import validate
+    from llmpipe.errors import UserError
+    from llmpipe.paths import RunDir
+
+    site, _ = sites
+    config = validate({"run": {"name": "t", "run_dir": str(tmp_path / "run")},
+                       "crawl": {"seeds": [site.base + "missing.html", site.base + "private/secret.html"],
+                                 "retries": 0, "timeout_s": 2.0}})
+    with pytest.raises(UserError) as err:
+        stages.execute("crawl", config)
+    assert str(err.value) == (
+        f"the crawl kept no page from {site.base}missing.html, {site.base}private/secret.html (skipped, by reason: "
+        f"not_html 1, robots 1); check crawl.seeds and crawl.allowed_hosts ({site.netloc})")
+    assert not RunDir(tmp_path / "run").manifest("crawl").exists()
+
+
 # --- other sources -----------------------------------------------------------------------------
 
 

@@ -111,6 +111,25 @@ def test_killed_stage_reruns_alone(run_dir, base_overrides, tmp_path):
     assert manifest["config"]["shard"]["seq_len"] == 16
 
 
+def test_a_crawl_that_keeps_no_page_fails_once_with_its_reason(tmp_path, monkeypatch):
+    """The crawl task retries what the network may not repeat, not a user's error."""
+    import socket
+
+    from flows.pipeline import pipeline
+    from llmpipe import console, stages
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        seed = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    terminal = io.StringIO()
+    monkeypatch.setitem(console._terminal, "stdout", terminal)
+    with pytest.raises(stages.StagesFailed, match="crawl failed"):
+        pipeline(config_path="configs/tiny.yaml", overrides=[f"crawl.seeds=[{seed}]", "crawl.retries=0"],
+                 run_dir=str(tmp_path / "t"), until="crawl")
+    failed = [line for line in terminal.getvalue().splitlines() if line.startswith("crawl      failed")]
+    assert len(failed) == 1 and f"the crawl kept no page from {seed} (skipped, by reason: " in failed[0]
+
+
 def test_config_error_in_flow_names_field(run_dir):
     with pytest.raises(configlib.ConfigError, match="shard.seq_len"):
         _run(run_dir, ["shard.seq_len=1"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
@@ -36,6 +37,17 @@ class CrawlSection(Section):
         "test", "idlelib", "turtledemo", "antigravity", "this", "tkinter", "turtle", "lib2to3", "ensurepip",
         "pydoc_data", "__phello__", "__hello__"]
     pydoc_site_packages: bool = False  # pydoc demo: also document site-packages (default: stdlib only, `python -S`)
+
+    @field_validator("seeds")
+    @classmethod
+    def _web_seeds(cls, seeds: list[str]) -> list[str]:
+        """The crawler fetches the web: a `file:`, `ftp:` or `javascript:` seed is refused here, not
+        crawled to an empty WARC (local files go in through `warc_inputs`)."""
+        for seed in seeds:
+            parts = urlsplit(seed)
+            if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{seed!r} is not an http(s) URL with a host (allowed schemes: http, https)")
+        return seeds
 
 
 class LanguageFilterConfig(Section):

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from llmpipe import console, io
 from llmpipe.config import CrawlSection
+from llmpipe.errors import UserError
 from llmpipe.supervise import supervised
 
 DEPTH_HEADER = "LLMPipe-Crawl-Depth"  # WARC extension header on response records: link hops from a seed
@@ -342,6 +343,8 @@ def crawl_stage(ctx, cfg: CrawlSection) -> dict:
         source = "pydoc"
     wall = time.perf_counter() - t0
     summary = warc_summary(warc_dir)
+    if summary["pages"] == 0:
+        raise CrawlFetchedNothing(_why_nothing(job, _skipped_all_sessions(state_dir)))
     fetched = session.get("pages_written", 0)
     return {
         "pages_fetched": summary["pages"],
@@ -356,6 +359,16 @@ def crawl_stage(ctx, cfg: CrawlSection) -> dict:
         "seeds": job.seeds,
         "allowed_hosts": job.allowed_hosts,
     }
+
+
+class CrawlFetchedNothing(UserError):
+    """A crawl that kept no page: every later stage would fail on an empty corpus."""
+
+
+def _why_nothing(job: CrawlJob, skipped: dict[str, int]) -> str:
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())) or "none: no link was followed"
+    return (f"the crawl kept no page from {', '.join(job.seeds)} (skipped, by reason: {reasons}); "
+            f"check crawl.seeds and crawl.allowed_hosts ({', '.join(job.allowed_hosts)})")
 
 
 def _skipped_all_sessions(state_dir: Path) -> dict[str, int]:
