@@ -304,22 +304,33 @@ def ingest_warc_inputs(inputs: list[str], out_dir: Path) -> dict:
     import fsspec
 
     counts = Counter()
-    for i, url in enumerate(inputs):
-        kind = _input_kind(url)
-        base = url.rstrip("/").rsplit("/", 1)[-1]
-        gz = base.lower().endswith(".gz")
-        stem = re.sub(r"(\.(warc|wet))?(\.gz)?$", "", base, flags=re.IGNORECASE)
-        suffix = f".{kind}.gz" if gz else f".{kind}"
-        target = out_dir / kind / f"input-{i:05d}-{re.sub(r'[^A-Za-z0-9._-]', '_', stem)}{suffix}"
+    for url, target in zip(inputs, staged_paths(inputs, out_dir)):
         marker = out_dir / ".state" / f"{target.name}.done"
         if not (target.is_file() and marker.is_file()):
             with fsspec.open(url, "rb") as src, io.atomic_path(target) as tmp, open(tmp, "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
             io.write_text(marker, url)
-        counts[f"{kind}_files"] += 1
+        counts[f"{target.parent.name}_files"] += 1
         counts["input_bytes"] += target.stat().st_size
     return dict(counts)
+
+
+def staged_paths(inputs: list[str], out_dir: Path) -> list[Path]:
+    """Where each input is copied: under its own name, so the documents (which name their WARC file)
+    are the same bytes whether a WARC was crawled in this run or given; numbered `input-00000-...`
+    in the config's order only when two inputs share a name."""
+    kinds, names = [], []
+    for url in inputs:
+        kind = _input_kind(url)
+        base = url.rstrip("/").rsplit("/", 1)[-1]
+        stem = re.sub(r"(\.(warc|wet))?(\.gz)?$", "", base, flags=re.IGNORECASE)
+        suffix = f".{kind}.gz" if base.lower().endswith(".gz") else f".{kind}"
+        kinds.append(kind)
+        names.append(f"{re.sub(r'[^A-Za-z0-9._-]', '_', stem)}{suffix}")
+    unique = len({(k, n) for k, n in zip(kinds, names)}) == len(names)
+    return [out_dir / kind / (name if unique else f"input-{i:05d}-{name}")
+            for i, (kind, name) in enumerate(zip(kinds, names))]
 
 
 # --- the stage ---------------------------------------------------------------------------------
