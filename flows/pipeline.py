@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from llmpipe import config as configlib
 from llmpipe import stages
+from llmpipe.locks import run_lock
 from tasks.stage import report, stage_options
 from tasks.tracking import pipeline_run, require_prefect_server
 
@@ -30,7 +31,7 @@ def pipeline(config_path: str, overrides: list[str] | None = None, run_dir: str 
     names = stages.plan_stages(config, until, only)
     external = stages.external_fingerprints(config, names)  # each config-given input hashed once per run
     flow_run_id = str(get_run_context().flow_run.id)
-    with pipeline_run(config, flow_run_id) as tracking:
+    with run_lock(config.run_dir), pipeline_run(config, flow_run_id) as tracking:
         with ThreadPoolTaskRunner(max_workers=config.run.max_parallel_stages) as runner:
             futures = {}
             for name in names:

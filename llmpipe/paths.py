@@ -13,6 +13,7 @@
       eval/report.{json,md}, eval/plots/*.png, eval/tasks/<task>/  eval: the report card, lm-eval task folders
       <stage>/manifest.json       written last: the stage's completion marker
       <stage>/.timing.json        the wall time of its last run (hidden: not an output)
+      .lock                       locked by the run that is writing here (llmpipe/locks.py)
       logs/<stage>.log            everything a stage printed or logged (the console shows a summary)
 """
 
@@ -40,6 +41,11 @@ class RunDir:
     @property
     def config_file(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def lock_file(self) -> Path:
+        """Held (flock) by the one process running on this directory; hidden: not an output."""
+        return self.root / ".lock"
 
     @property
     def warc_dir(self) -> Path:

@@ -75,20 +75,22 @@ def quiet_library_consoles(verbose: bool) -> None:
 def run_stage(args: argparse.Namespace) -> int:
     """One stage (`args.command`) in this process, tracked as an MLflow run of its own."""
     from llmpipe import stages, tracking
+    from llmpipe.locks import run_lock
 
     config = load_config(args)
     quiet_library_consoles(args.verbose)
     console.install(args.verbose)
-    uri = tracking.tracking_uri(config.run_dir.parent)
-    experiment = tracking.init_store(uri, config.run_dir.parent)
-    tracker = tracking.MlflowTracker(uri, experiment, run_name=args.command,
-                                     tags={"llmpipe.stage": args.command, "llmpipe.run": config.run.name})
-    try:
-        stages.execute(args.command, config, tracker)
-    except BaseException:
-        tracker.close("FAILED")
-        raise
-    tracker.close()
+    with run_lock(config.run_dir):
+        uri = tracking.tracking_uri(config.run_dir.parent)
+        experiment = tracking.init_store(uri, config.run_dir.parent)
+        tracker = tracking.MlflowTracker(uri, experiment, run_name=args.command,
+                                         tags={"llmpipe.stage": args.command, "llmpipe.run": config.run.name})
+        try:
+            stages.execute(args.command, config, tracker)
+        except BaseException:
+            tracker.close("FAILED")
+            raise
+        tracker.close()
     print(f"outputs: {config.run_dir / args.command}")
     return 0
 

@@ -53,10 +53,18 @@ def init_store(uri: str, runs_root: str | Path = "runs") -> str:
     Concurrent first use of a fresh SQLite store races MLflow's schema migrations.
     Returns the experiment id.
     """
+    if not uri.startswith("sqlite:///"):
+        return _init_experiment(uri, runs_root)
+    from llmpipe.locks import exclusive
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    with exclusive(database.with_name(database.name + ".lock")):  # two runs starting at once on a fresh store
+        return _init_experiment(uri, runs_root)
+
+
+def _init_experiment(uri: str, runs_root: str | Path) -> str:
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
