@@ -35,7 +35,16 @@ def sha256_file(path: str | Path) -> str:
 def verify_sha256(path: str | Path, expected: str) -> None:
     actual = sha256_file(path)
     if actual != expected:
-        raise ChecksumError(f"checksum mismatch in {path}: expected sha256 {expected[:12]}..., got {actual[:12]}...")
+        raise ChecksumError(f"checksum mismatch in {path}: expected sha256 {expected[:12]}..., got {actual[:12]}..."
+                            f"{rebuild_hint(path)}")
+
+
+def rebuild_hint(path: str | Path) -> str:
+    """How to rebuild a stage's file: its stage is the nearest folder above it with a manifest."""
+    for folder in Path(path).parents:
+        if (folder / "manifest.json").is_file():
+            return f"; rebuild it with `llmpipe run ... --force {folder.name}`"
+    return ""
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -86,6 +95,6 @@ def verify_listed(folder: str | Path, name: str) -> Path:
     if name not in files:
         raise ChecksumError(f"{folder / name} is not listed in {manifest}: its stage did not complete")
     if not (folder / name).is_file():
-        raise ChecksumError(f"{folder / name}: listed in {manifest} but missing")
+        raise ChecksumError(f"{folder / name}: listed in {manifest} but missing{rebuild_hint(folder / name)}")
     verify_sha256(folder / name, files[name]["sha256"])
     return folder / name

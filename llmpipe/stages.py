@@ -490,7 +490,7 @@ def verify_outputs(run_dir: RunDir, stage: str, names: list[str] | None = None) 
         if names is None or rel in names:
             path = run_dir.stage(stage) / rel
             if not path.is_file():
-                raise io.ChecksumError(f"{path}: listed in {stage}/manifest.json but missing")
+                raise io.ChecksumError(f"{path}: listed in {stage}/manifest.json but missing{io.rebuild_hint(path)}")
             io.verify_sha256(path, meta["sha256"])
     return manifest
 
