@@ -8,8 +8,10 @@
     llmpipe serve --config FILE --cron "0 3 * * *"                 a schedule served by this process
     llmpipe deploy --config FILE --pool NAME [--cron "0 3 * * *"]   a deployment run by a work pool's workers
     llmpipe plan --config FILE --gpus N --gpu-mem GiB [--nodes K]   memory per GPU of each parallel layout
+    llmpipe reproduce RUN_ID [--run-dir DIR]                       rebuild a run from its MLflow record, compare hashes
+    llmpipe compare RUN_A RUN_B                                    two runs side by side: config, cache keys, metrics
 
-Only `run`, `serve` and `deploy` reach the orchestration layer (`flows/`), imported lazily: the
+Only `run`, `reproduce`, `serve` and `deploy` reach the orchestration layer (`flows/`), imported lazily: the
 library itself never imports Prefect. Errors that are the user's to fix print one line and exit 2;
 a failed stage prints one line (its traceback is in its log) and exits 1.
 """
@@ -110,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus", required=True, type=int, help="GPUs per node")
     plan.add_argument("--gpu-mem", required=True, type=float, metavar="GiB", help="memory of one GPU in GiB")
     plan.add_argument("--nodes", type=int, help="nodes (default: pretrain.nnodes)")
+
+    tracking_help = "the MLflow store (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)"
+    reproduce = commands.add_parser("reproduce", help="rebuild a run from its MLflow record and check every stage's hashes")
+    reproduce.add_argument("run_id", help="the pipeline's MLflow run id (or any of its stage runs')")
+    reproduce.add_argument("--run-dir", type=Path, help="where to rebuild it (default: runs/<name>-<first 8 of RUN_ID>)")
+    reproduce.add_argument("--tracking-uri", help=tracking_help)
+    add_verbose(reproduce)
+
+    compare = commands.add_parser("compare", help="two runs side by side, and what made the first differing stage differ")
+    compare.add_argument("run_a", help="an MLflow run id of a pipeline run")
+    compare.add_argument("run_b", help="another")
+    compare.add_argument("--tracking-uri", help=tracking_help)
     return parser
 
 
@@ -126,16 +140,62 @@ def set_orchestration_defaults() -> None:
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args)  # fail on a bad config, or an unknown or disabled stage, before Prefect starts
     plan_stages(config, args.until, args.only)
+    summary = _run_flow(args.verbose, config_path=str(args.config), overrides=list(args.overrides),
+                        run_dir=str(args.run_dir) if args.run_dir else None,
+                        until=args.until, only=args.only, force=list(args.force))
+    _print_summary(config, summary)
+    return 0
+
+
+def _run_flow(verbose: bool, **parameters) -> dict:
     set_orchestration_defaults()
-    quiet_library_consoles(args.verbose)
-    console.install(args.verbose)
+    quiet_library_consoles(verbose)
+    console.install(verbose)
     from flows.pipeline import pipeline
 
     console.route_logging()  # importing Prefect configured logging
-    summary = pipeline(config_path=str(args.config), overrides=list(args.overrides),
-                       run_dir=str(args.run_dir) if args.run_dir else None,
-                       until=args.until, only=args.only, force=list(args.force))
-    _print_summary(config, summary)
+    return pipeline(**parameters)
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    from llmpipe.tracking import tracking_uri
+
+    return args.tracking_uri or tracking_uri()
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    """The recorded config on the recorded WARCs, as a flow run in a new directory; then each
+    stage's hashes against the record. Exit 1 when a stage differs."""
+    from llmpipe import lineage
+
+    uri = _tracking_uri(args)
+    record = lineage.load_record(uri, args.run_id)
+    run_dir = args.run_dir or Path("runs") / f"{record.name}-{record.run_id[:8]}"
+    inputs = run_dir / ".inputs"  # hidden: the record's files, not outputs of the reproduction
+    config = lineage.reproduction_config(record, lineage.fetch_warcs(uri, record, inputs))
+    config_path = inputs / "config.yaml"
+    config_path.write_text(configlib.to_yaml(config))
+    configlib.load(config_path, run_dir=run_dir)  # a record from another llmpipe version fails here, in one line
+    print(f"reproducing run {record.run_id} ({record.name}: {', '.join(record.stages)}) in {run_dir}")
+    summary = _run_flow(args.verbose, config_path=str(config_path), run_dir=str(run_dir), until=list(record.stages))
+    matches = lineage.match_stages(record, run_dir, uri)
+    print(f"\n{lineage.format_matches(matches)}")
+    print(f"\nMLflow run:    {summary['mlflow_run_id']} in {uri}")
+    differing = [m.name for m in matches if not m.matches]
+    if differing:
+        print(f"llmpipe reproduce: {len(differing)} stage{'s' if len(differing) > 1 else ''} differ: "
+              f"{', '.join(differing)} (compare: llmpipe compare {record.run_id} {summary['mlflow_run_id']})",
+              file=sys.stderr)
+        return 1
+    print(f"every stage of run {record.run_id} reproduced: the same hashes")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from llmpipe import lineage
+
+    uri = _tracking_uri(args)
+    print(lineage.compare(lineage.load_record(uri, args.run_a), lineage.load_record(uri, args.run_b)))
     return 0
 
 
@@ -226,7 +286,8 @@ def _plan(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": _run, "export": _export, "generate": _generate, "serve": _serve,
-               "deploy": _deploy, "plan": _plan, "chat": _chat}.get(args.command, run_stage)
+               "deploy": _deploy, "plan": _plan, "chat": _chat,
+               "reproduce": _reproduce, "compare": _compare}.get(args.command, run_stage)
     return handle_errors(args.command, lambda: handler(args))
 
 

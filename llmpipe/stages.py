@@ -478,7 +478,12 @@ def _execute(stage: Stage, config: RunConfig, run_dir: RunDir, tracker: Tracker,
     }
     io.write_json(run_dir.manifest(name), manifest)
     tracker.log_metrics({**metrics, **timing, "wall_time_s": wall})
-    tracker.set_tags({"llmpipe.started_at": started.isoformat(), "llmpipe.git_commit": _git_commit() or "unknown"})
+    # the record `llmpipe reproduce` and `llmpipe compare` read (the manifest artifact has the rest)
+    tracker.set_tags({"llmpipe.started_at": started.isoformat(), "llmpipe.git_commit": _git_commit() or "unknown",
+                      "llmpipe.cache_key": key, "llmpipe.config_hash": manifest["config_hash"],
+                      "llmpipe.code_version": code, "llmpipe.fingerprint": manifest["fingerprint"],
+                      "llmpipe.seed": config.run.seed,
+                      "llmpipe.packages": " ".join(f"{k}=={v}" for k, v in manifest["packages"].items())})
     tracker.log_artifact(run_dir.manifest(name))
     return StageRun(manifest, wall, timing)
 

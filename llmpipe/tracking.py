@@ -1,14 +1,17 @@
 """Experiment tracking: an MLflow adapter and a do-nothing tracker with the same methods.
 
 The null tracker stands in on non-zero ranks, in tests of single stages and wherever tracking
-is off. The MLflow tracker talks to the store through `MlflowClient` with explicit run ids
+is off. A worker process logs through a `FileTracker`, whose lines the stage process replays into
+its MLflow run (importing MLflow would cost each worker about 3 s). The MLflow tracker talks to the store through `MlflowClient` with explicit run ids
 (MLflow's "active run" is per thread, and Prefect may run tasks on other threads), and buffers
 metrics: one `log_metric` round trip costs about 20 ms on SQLite.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,7 +22,7 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class Tracker(Protocol):
-    uri: str | None  # where the run lives, for processes that attach to it
+    uri: str | None  # where the run lives, for code that must reach MLflow itself
     run_id: str | None
 
     def log_params(self, params: dict[str, Any]) -> None: ...
@@ -88,24 +91,8 @@ class MlflowTracker:
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        client = MlflowClient(uri)
-        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        self._open(uri, client, run_id, owns_run=True, flush_every_s=flush_every_s)
-
-    @classmethod
-    def attach(cls, uri: str, run_id: str, flush_every_s: float = 5.0) -> "MlflowTracker":
-        """Log to a run someone else created and will end: rank 0 of a torchrun job logs to its
-        stage's run. `close` flushes but leaves the run's status to its owner."""
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(uri)
-        client.get_run(run_id)  # an unknown id fails here, not at the first metric
-        tracker = cls.__new__(cls)
-        tracker._open(uri, client, run_id, owns_run=False, flush_every_s=flush_every_s)
-        return tracker
-
-    def _open(self, uri: str, client, run_id: str, owns_run: bool, flush_every_s: float) -> None:
-        self.uri, self.client, self.run_id, self.owns_run = uri, client, run_id, owns_run
+        self.uri, self.client = uri, MlflowClient(uri)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         self._pending: list = []
         self._flush_every_s = flush_every_s
         self._last_flush = time.monotonic()
@@ -156,5 +143,62 @@ class MlflowTracker:
 
     def close(self, status="FINISHED"):
         self.flush()
-        if self.owns_run:
-            self.client.set_terminated(self.run_id, status=status)
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class FileTracker:
+    """A worker's tracker: each call one JSON line in a file that the stage process, which owns the
+    MLflow run, replays as it is written (`Replay`). `uri` and `run_id` name that run, for code
+    that must reach MLflow itself (the eval stage logging a model)."""
+
+    def __init__(self, path: str | Path, uri: str | None, run_id: str | None):
+        self.uri, self.run_id = uri, run_id
+        self._file = open(path, "a", encoding="utf-8")
+
+    def _write(self, *call) -> None:
+        self._file.write(json.dumps(call, default=str) + "\n")  # one write per line: a reader never sees half
+        self._file.flush()
+
+    def log_params(self, params): self._write("log_params", params)
+    def log_metrics(self, metrics, step=None): self._write("log_metrics", {k: float(v) for k, v in metrics.items()}, step)
+    def log_artifact(self, path, artifact_path=None): self._write("log_artifact", str(path), artifact_path)
+    def log_inputs(self, inputs): self._write("log_inputs", inputs)
+    def set_tags(self, tags): self._write("set_tags", tags)
+
+    def close(self, status="FINISHED"):
+        self._file.close()  # the run's status is its owner's
+
+
+class Replay:
+    """Apply a FileTracker's lines to `tracker` while the worker writes them: `with Replay(path, tracker):`
+    polls every `every_s` and once more at exit, so nothing written before the worker ended is lost."""
+
+    def __init__(self, path: str | Path, tracker: Tracker, every_s: float = 1.0):
+        self.path, self.tracker, self.every_s = Path(path), tracker, every_s
+        self._offset, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tracking-replay", daemon=True)
+
+    def __enter__(self) -> "Replay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.poll()
+
+    def poll(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]  # a line being written waits for the next poll
+        self._offset += len(complete)
+        for line in complete.splitlines():
+            method, *args = json.loads(line)
+            getattr(self.tracker, method)(*args)

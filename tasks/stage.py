@@ -74,10 +74,8 @@ def stage_task(name: str, config: RunConfig, external: dict[str, str], tracking:
     except BaseException:
         tracker.close("FAILED")
         raise
-    manifest = run.manifest
-    tracker.set_tags({"llmpipe.fingerprint": manifest["fingerprint"], "llmpipe.code_version": manifest["code_version"]})
     tracker.close()
-    return {"stage": name, "fingerprint": manifest["fingerprint"], "cache_key": key,
+    return {"stage": name, "fingerprint": run.manifest["fingerprint"], "cache_key": key,
             "mlflow_run_id": tracker.run_id, "counts": run.counts, "wall_time_s": run.wall_time_s}
 
 

@@ -23,7 +23,7 @@ def test_stage_names_keep_their_order():
 
 def test_commands():
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert {"run", "export", "generate", "chat", "serve", "deploy", "plan", *stage_names()} == set(commands)
+    assert {"run", "export", "generate", "chat", "serve", "deploy", "plan", "reproduce", "compare", *stage_names()} == set(commands)
     run_options = {opt for action in commands["run"]._actions for opt in action.option_strings}
     assert {"--config", "--set", "--run-dir", "--until", "--only", "--force", "--verbose"} <= run_options
     deploy_options = {opt for action in commands["deploy"]._actions for opt in action.option_strings}

@@ -24,7 +24,7 @@ from llmpipe.cli import build_parser, load_config
 from llmpipe.distributed.launch import LaunchFiles, describe_failure
 from llmpipe.paths import RunDir
 from llmpipe.supervise import supervised
-from llmpipe.tracking import EXPERIMENT, MlflowTracker, init_store, tracking_uri
+from llmpipe.tracking import EXPERIMENT, FileTracker, MlflowTracker, Replay, init_store, tracking_uri
 
 # --- fault injection -------------------------------------------------------------------------
 
@@ -74,20 +74,32 @@ def tracking_env(tmp_path_factory) -> dict[str, str]:
     return {**os.environ, "MLFLOW_TRACKING_URI": uri}
 
 
-def test_attached_tracker_logs_to_the_run_without_ending_it(tracking_env):
+def test_a_workers_tracking_calls_reach_the_run_while_it_runs_and_leave_its_status_to_the_owner(tracking_env, tmp_path):
     uri = tracking_env["MLFLOW_TRACKING_URI"]
     owner = MlflowTracker(uri, init_store(uri), run_name="pretrain")
-    attached = MlflowTracker.attach(uri, owner.run_id)
-    attached.log_metrics({"train/loss": 2.5}, step=1)
-    attached.log_metrics({"train/loss": 2.0}, step=2)
-    attached.close()
+    worker = FileTracker(tmp_path / "tracking.jsonl", owner.uri, owner.run_id)
     client = MlflowClient(uri)
+    with Replay(tmp_path / "tracking.jsonl", owner, every_s=0.05) as replay:
+        worker.log_params({"pretrain.lr": 0.001})
+        worker.log_metrics({"train/loss": 2.5}, step=1)
+        worker.set_tags({"llmpipe.note": "live"})
+        deadline = time.monotonic() + 10
+        while "llmpipe.note" not in client.get_run(owner.run_id).data.tags and time.monotonic() < deadline:
+            time.sleep(0.05)  # replayed while the worker runs, not only at its end
+        assert client.get_run(owner.run_id).data.tags["llmpipe.note"] == "live"
+        with open(tmp_path / "tracking.jsonl", "a") as f:
+            f.write('["log_metrics", {"train/loss": 9.0}')  # a line the worker is still writing
+        replay.poll()
+        with open(tmp_path / "tracking.jsonl", "a") as f:
+            f.write(", 3]\n")
+        worker.log_metrics({"train/loss": 2.0}, step=2)
+        worker.close()
+    owner.flush()
     assert client.get_run(owner.run_id).info.status == "RUNNING"
-    assert [(m.step, m.value) for m in client.get_metric_history(owner.run_id, "train/loss")] == [(1, 2.5), (2, 2.0)]
+    assert client.get_run(owner.run_id).data.params["pretrain.lr"] == "0.001"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(owner.run_id, "train/loss")) == [(1, 2.5), (2, 2.0), (3, 9.0)]
     owner.close()
     assert client.get_run(owner.run_id).info.status == "FINISHED"
-    with pytest.raises(Exception, match="not found|RESOURCE_DOES_NOT_EXIST"):
-        MlflowTracker.attach(uri, "0" * 32)
 
 
 TORCHRUN_SUMMARY = """\

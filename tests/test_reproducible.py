@@ -1,64 +1,47 @@
-"""Same inputs, same bytes: a run repeated in another directory writes identical files."""
+"""Same inputs, same bytes, from the record alone: a run crawls a local site through the whole
+graph with the real Prefect engine and MLflow store; its run directory is deleted; `llmpipe
+reproduce` rebuilds it elsewhere from the MLflow record (config and WARCs) and every stage's
+hashes match; `llmpipe compare` names the one config key that makes a third run differ."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from test_prepare import _site_pages, write_warc
+from test_crawl import Site, _send
+from test_post_training import POST_MODEL, SECTIONS
+from test_prepare import _site_pages
 
-from llmpipe import config as configlib
-from llmpipe import io, stages
+from llmpipe.stages import stage_names
+from llmpipe.tracking import tracking_uri
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("crawl", "prepare", "tokenizer", "shard", "pretrain")
 
-
-def _config(tmp_path: Path, warc: Path) -> Path:
+def _config(tmp_path: Path, crawl: dict) -> Path:
     path = tmp_path / "repro.yaml"
     path.write_text(yaml.safe_dump({
         "run": {"name": "repro", "seed": 3},
-        "crawl": {"warc_inputs": [str(warc)]},
+        "crawl": crawl,
         "prepare": {"tasks": 2, "workers": 2},
         "tokenizer": {"vocab_size": 300},
-        "shard": {"seq_len": 16, "tokens_per_shard": 1024, "val_fraction": 0.25},
-        "model": {"vocab_size": 300, "d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "seq_len": 16},
-        "pretrain": {"max_steps": 3, "batch_tokens": 64, "micro_batch_size": 4, "eval_every": 0, "eval_steps": 1,
-                     "checkpoint_every": 2, "log_every": 1, "warmup_steps": 1},
+        "shard": {"seq_len": 96, "tokens_per_shard": 1024, "val_fraction": 0.25},
+        "model": POST_MODEL,
+        "pretrain": {"max_steps": 3, "batch_tokens": 2 * 96, "micro_batch_size": 2, "eval_every": 0, "eval_steps": 1,
+                     "checkpoint_every": 2, "log_every": 1, "warmup_steps": 1, "peak_flops": 1e11},
+        "align": {"methods": ["dpo", "ppo"]},
+        **{name: {**section, **({"max_steps": 2} if "max_steps" in section else {})} for name, section in SECTIONS.items()},
     }))
+    tree = yaml.safe_load(path.read_text())  # fewer examples than the post-training tests: two runs of every stage
+    tree["instruct"]["task_examples"], tree["eval"]["limit"] = 40, 8
+    path.write_text(yaml.safe_dump(tree))
     return path
 
 
-def _file_hashes(run_dir: Path) -> dict[str, str]:
-    """Every file of the run but its logs and hidden bookkeeping (caches, locks, datatrove's state)."""
-    return {str(p.relative_to(run_dir)): io.sha256_file(p) for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.relative_to(run_dir).parts[0] != "logs"
-            and not any(part.startswith(".") for part in p.relative_to(run_dir).parts)}
-
-
-def test_a_run_repeated_elsewhere_writes_the_same_bytes(tmp_path):
-    warc = tmp_path / "input" / "site.warc.gz"
-    write_warc(warc, _site_pages())
-    config_path = _config(tmp_path, warc)
-    hashes = []
-    for where in ("first/runs/repro", "elsewhere/deeper/repro"):  # another path, another wall clock
-        config = configlib.load(config_path, run_dir=tmp_path / where)
-        for name in STAGES:
-            stages.execute(name, config)
-        hashes.append(_file_hashes(tmp_path / where))
-    first, second = hashes
-    assert {f"{name}/manifest.json" for name in STAGES} | {"config.yaml", "pretrain/model.safetensors"} <= set(first)
-    assert any(name.startswith("prepare/documents/") for name in first)
-    assert {k for k in first.keys() | second.keys() if first.get(k) != second.get(k)} == set()
-
-
-def test_crawled_or_given_the_same_warc_makes_the_same_bytes_after_crawl(tmp_path):
-    """Run A crawls a local site; run B is given A's WARC by `crawl.warc_inputs`: from prepare on,
-    every output file is the same, so every cache key after crawl is too."""
-    from test_crawl import Site, _send
-
+def _site() -> Site:
     pages = {f"/{url.rsplit('/', 1)[-1]}": body for url, body in _site_pages()}
     index = "".join(f'<a href="{path}">{path}</a> ' for path in pages).encode()
 
@@ -69,30 +52,51 @@ def test_crawled_or_given_the_same_warc_makes_the_same_bytes_after_crawl(tmp_pat
             return _send(handler, pages[handler.path])
         return _send(handler, b"not found", status=404, content_type="text/plain")
 
-    site = Site(routes)
+    return Site(routes)
+
+
+def test_a_run_reproduced_from_its_record_alone_has_the_same_hashes_and_compare_names_the_changed_key(tmp_path, capsys):
+    from flows.pipeline import pipeline
+    from llmpipe.cli import main
+
+    runs = tmp_path / "runs"
+    site = _site()
     try:
-        crawled = _config(tmp_path, tmp_path / "unused.warc.gz")
-        tree = yaml.safe_load(crawled.read_text())
-        tree["crawl"] = {"seeds": [site.base], "max_pages": 50, "retries": 0, "timeout_s": 5.0}
-        crawled.write_text(yaml.safe_dump(tree))
-        run_a = configlib.load(crawled, run_dir=tmp_path / "a" / "repro")
-        stages.execute("crawl", run_a)
+        crawled = _config(tmp_path, {"seeds": [site.base], "max_pages": 50, "retries": 0, "timeout_s": 5.0})
+        first = pipeline(config_path=str(crawled), run_dir=str(runs / "a"))
     finally:
         site.close()
-    warcs = sorted((tmp_path / "a" / "repro" / "crawl" / "warc").glob("*.warc.gz"))
-    assert len(warcs) == 1, warcs
-    (tmp_path / "b").mkdir()
-    given = _config(tmp_path / "b", warcs[0])
-    run_b = configlib.load(given, run_dir=tmp_path / "b" / "repro")
-    stages.execute("crawl", run_b)
-    hashes = []
-    for config in (run_a, run_b):
-        for name in ("prepare", "tokenizer", "shard"):
-            stages.execute(name, config)
-        hashes.append({k: v for k, v in _file_hashes(config.run_dir).items() if not k.startswith("crawl/")})
-    first, second = hashes
-    assert any(name.startswith("prepare/documents/") for name in first) and "shard/manifest.json" in first
-    different = {k for k in first.keys() | second.keys() if first.get(k) != second.get(k)}
-    assert different == {"config.yaml"}  # seeds in one, warc_inputs in the other
-    for name in ("tokenizer", "shard"):
-        assert stages.cache_key(stages.get_stage(name), run_a) == stages.cache_key(stages.get_stage(name), run_b)
+    assert set(first["stages"]) == set(stage_names()) and set(first["stages"].values()) == {"ran"}
+    report_a = json.loads((runs / "a" / "eval" / "report.json").read_text())
+    shutil.rmtree(runs / "a")  # from the record alone
+    uri = tracking_uri(runs)
+    capsys.readouterr()
+
+    assert main(["reproduce", first["mlflow_run_id"], "--run-dir", str(runs / "b"), "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("\nstage "):].splitlines()
+    rows = {line.split()[0]: line for line in table[2:] if line.split() and line.split()[0] in stage_names()}
+    assert set(rows) == set(stage_names()) and all(row.endswith("same") for row in rows.values()), out
+    report_b = json.loads((runs / "b" / "eval" / "report.json").read_text())
+    for key in ("checkpoints", "baselines", "funnel", "contamination"):  # the report's numbers, every one
+        assert report_b[key] == report_a[key]
+    assert report_b["funnel"]["pages_crawled"] > 5
+    second = out[out.index("MLflow run:"):].split()[2]
+
+    # a third run: B's inputs and config but for one key, up to the shard stage
+    given = runs / "b" / ".inputs" / "config.yaml"
+    third = pipeline(config_path=str(given), run_dir=str(runs / "c"), overrides=["shard.val_fraction=0.3"], until="shard")
+    assert third["stages"] == {"crawl": "ran", "prepare": "ran", "tokenizer": "ran", "shard": "ran"}
+    assert main(["compare", second, third["mlflow_run_id"], "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "config differences (1):\n  shard.val_fraction  0.25 -> 0.3\n" in out, out
+    assert "first stage that differs: shard, because of its config (shard.val_fraction: 0.25 -> 0.3)" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in stage_names()}
+    assert lines["tokenizer"].split()[1:3] == ["same", "same"] and lines["shard"].split()[1:3] == ["differs", "differ"]
+    assert lines["pretrain"].split()[1:] == ["only", "in", "A"]
+
+    assert main(["compare", first["mlflow_run_id"], second, "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out  # crawled against given: the crawl's config differs, its WARCs do not
+    assert "first stage that differs: crawl, because of its config (crawl.warc_inputs: [] -> [" in out
+    prepare = next(line for line in out.splitlines() if line.startswith("prepare "))
+    assert prepare.split()[1:3] == ["same", "same"]

@@ -134,7 +134,10 @@ class WarcPage:
     body: bytes
 
 
-def warc_parts(warc_dir: Path) -> list[Path]:
+def warc_parts(warc_dir: Path, given: bool = False) -> list[Path]:
+    """The crawler's part files, or with `given` every WARC file (those `crawl.warc_inputs` staged)."""
+    if given:
+        return sorted(p for p in Path(warc_dir).glob("*") if re.search(r"\.warc(\.gz)?$", p.name, re.IGNORECASE))
     return sorted(p for p in Path(warc_dir).glob("part-*.warc.gz") if PART_PATTERN.match(p.name))
 
 
@@ -179,11 +182,11 @@ def repair_warc(path: Path) -> int:
     return size - good_end
 
 
-def iter_warc_pages(warc_dir: Path) -> Iterator[WarcPage]:
-    """The response records of every part file, in crawl order."""
+def iter_warc_pages(warc_dir: Path, given: bool = False) -> Iterator[WarcPage]:
+    """The response records of every part file (or given WARC file), in crawl order."""
     from warcio.archiveiterator import ArchiveIterator
 
-    for path in warc_parts(warc_dir):
+    for path in warc_parts(warc_dir, given):
         with open(path, "rb") as f:
             for record in ArchiveIterator(f):
                 if record.rec_type != "response":
@@ -199,13 +202,13 @@ def iter_warc_pages(warc_dir: Path) -> Iterator[WarcPage]:
                 )
 
 
-def warc_summary(warc_dir: Path) -> dict:
+def warc_summary(warc_dir: Path, given: bool = False) -> dict:
     pages, urls, html_bytes = 0, set(), 0
-    for page in iter_warc_pages(warc_dir):
+    for page in iter_warc_pages(warc_dir, given):
         pages += 1
         urls.add(normalize_url(page.url))
         html_bytes += len(page.body)
-    files = warc_parts(warc_dir)
+    files = warc_parts(warc_dir, given)
     return {"pages": pages, "unique_urls": len(urls), "html_bytes": html_bytes,
             "warc_files": len(files), "warc_bytes": sum(p.stat().st_size for p in files)}
 
@@ -336,13 +339,19 @@ def staged_paths(inputs: list[str], out_dir: Path) -> list[Path]:
 # --- the stage ---------------------------------------------------------------------------------
 
 
+RAW_INPUT_FOLDERS = ("warc", "wet")  # the crawl's outputs: what every later stage is made from
+
+
 def crawl_stage(ctx, cfg: CrawlSection) -> dict:
     out_dir = Path(ctx.out_dir)
     state_dir = out_dir / ".state"
     warc_dir = ctx.run_dir.warc_dir
     if cfg.warc_inputs:
         counts = ingest_warc_inputs(list(cfg.warc_inputs), out_dir)
-        return {**counts, "source": "warc_inputs", "inputs": list(cfg.warc_inputs)}
+        _log_raw_inputs(ctx, out_dir)
+        summary = warc_summary(warc_dir, given=True)  # the counts a crawl that wrote these WARCs has
+        return {**counts, "pages_fetched": summary["pages"], "unique_urls": summary["unique_urls"],
+                "html_bytes": summary["html_bytes"], "source": "warc_inputs", "inputs": list(cfg.warc_inputs)}
 
     t0 = time.perf_counter()
     if cfg.seeds:
@@ -357,6 +366,7 @@ def crawl_stage(ctx, cfg: CrawlSection) -> dict:
     if summary["pages"] == 0:
         raise CrawlFetchedNothing(_why_nothing(job, _skipped_all_sessions(state_dir)))
     fetched = session.get("pages_written", 0)
+    _log_raw_inputs(ctx, out_dir)
     return {
         "pages_fetched": summary["pages"],
         "pages_this_session": fetched,
@@ -370,6 +380,13 @@ def crawl_stage(ctx, cfg: CrawlSection) -> dict:
         "seeds": job.seeds,
         "allowed_hosts": job.allowed_hosts,
     }
+
+
+def _log_raw_inputs(ctx, out_dir: Path) -> None:
+    """The WARC (and WET) files on the stage's MLflow run: the raw inputs `llmpipe reproduce` starts from."""
+    for folder in RAW_INPUT_FOLDERS:
+        if (out_dir / folder).is_dir():
+            ctx.tracker.log_artifact(out_dir / folder, folder)
 
 
 class CrawlFetchedNothing(UserError):

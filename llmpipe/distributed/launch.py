@@ -11,6 +11,8 @@ between it hands the work to `torchrun --standalone --nproc-per-node N -m llmpip
   * torchrun runs in a process group of its own that gets SIGTERM when the parent dies or is
     interrupted (`llmpipe.supervise`), and torchrun passes that on to its workers;
   * a failed job raises `WorkerFailed` with one line: the first worker error, by time;
+  * rank 0's tracking calls come back through `.launch/tracking.jsonl`, replayed into the stage's
+    MLflow run while the job runs;
   * rank 0 writes the stage function's result to `.launch/result-rank0.json`, which becomes
     the stage's counts.
 
@@ -36,6 +38,7 @@ from llmpipe.config import RunConfig
 from llmpipe.context import StageContext, encode_inputs
 from llmpipe.errors import UserError
 from llmpipe.supervise import supervised
+from llmpipe.tracking import Replay
 
 LAUNCH_DIR = ".launch"
 WORKER_MODULE = "llmpipe.distributed.worker"
@@ -61,6 +64,11 @@ class LaunchFiles:
     @property
     def job(self) -> Path:
         return self.root / "job.json"
+
+    @property
+    def tracking(self) -> Path:
+        """Rank 0's tracking calls, replayed into the stage's MLflow run (`llmpipe.tracking.FileTracker`)."""
+        return self.root / "tracking.jsonl"
 
     def result(self, rank: int) -> Path:
         return self.root / f"result-rank{rank}.json"
@@ -97,10 +105,12 @@ def run_workers(ctx: StageContext, config: RunConfig, nproc: int,
     shutil.rmtree(files.root, ignore_errors=True)  # an earlier attempt's errors are not this one's
     io.write_json(files.job, {"stage": ctx.name, "config": config.model_dump(mode="json"),
                               "out_dir": str(ctx.out_dir), "inputs": encode_inputs(ctx.inputs),
-                              "tracking": {"uri": ctx.tracker.uri, "run_id": ctx.tracker.run_id}})
+                              "tracking": {"uri": ctx.tracker.uri, "run_id": ctx.tracker.run_id,
+                                           "file": str(files.tracking)}})
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    with supervised(torchrun_command(files.job, nproc), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT, text=True, errors="replace", env=worker_env(nproc)) as proc:
+    with Replay(files.tracking, ctx.tracker), \
+            supervised(torchrun_command(files.job, nproc), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, errors="replace", env=worker_env(nproc)) as proc:
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail.append(line)

@@ -3,8 +3,8 @@
 A worker rebuilds the stage's context from the job file alone (the config is validated again)
 and runs the stage's in-process function, which joins torchrun's process group (the trainer's
 `env.init_distributed`). Rank 0 logs to the stage's
-MLflow run, attached by id (the parent created it and ends it); the other ranks get the null
-tracker. Each rank writes its result to `result-rank<N>.json`, or, when it crashes, one line
+MLflow run through a file the parent replays into it (the parent created the run and ends it);
+the other ranks get the null tracker. Each rank writes its result to `result-rank<N>.json`, or, when it crashes, one line
 about the error with the time to `error-rank<N>.json`, which the parent reads.
 """
 
@@ -26,12 +26,12 @@ from llmpipe.distributed.launch import LaunchFiles
 from llmpipe.paths import RunDir
 from llmpipe.stages import STAGES
 from llmpipe.supervise import die_with_parent
-from llmpipe.tracking import MlflowTracker, NullTracker, Tracker
+from llmpipe.tracking import FileTracker, NullTracker, Tracker
 
 
 def tracker_for_rank(rank: int, tracking: dict) -> Tracker:
     if rank == 0 and tracking["run_id"]:
-        return MlflowTracker.attach(tracking["uri"], tracking["run_id"])
+        return FileTracker(tracking["file"], tracking["uri"], tracking["run_id"])
     return NullTracker()
 
 
@@ -45,7 +45,7 @@ def run_job(job: dict, rank: int) -> dict:
     try:
         result = stage.function()(ctx, *[config.section(name) for name in stage.sections]) or {}
     finally:
-        tracker.close()  # flushes the buffered metrics; an attached run stays open for the parent
+        tracker.close()  # the run stays open: the parent ends it
     env.destroy()  # not after a failure: a peer may be stuck in a collective with us
     return result
 
