@@ -13,11 +13,14 @@ MLflow and the terminal only.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import graphlib
 import hashlib
 import heapq
 import importlib
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -416,20 +419,43 @@ def execute(name: str, config: RunConfig, tracker: Tracker | None = None,
     console.stage_line(name, "started")
     t0 = time.perf_counter()
     try:
-        with console.stage_output(log_path) as log:
-            try:
-                run = _execute(stage, config, run_dir, tracker, external)
-            except BaseException:
-                traceback.print_exc(file=log)  # the terminal gets one line; the log gets the whole story
-                raise
+        try:
+            with console.stage_output(log_path) as log:
+                try:
+                    run = _execute(stage, config, run_dir, tracker, external)
+                except BaseException:
+                    with contextlib.suppress(OSError):  # the disk may be full
+                        traceback.print_exc(file=log)  # the terminal gets one line; the log gets the whole story
+                    raise
+        finally:
+            if log_path.is_file():
+                tracker.log_artifact(log_path)
     except BaseException as err:
-        console.stage_line(name, "failed", time.perf_counter() - t0, f"{type(err).__name__}: {err} (log: {log_path})")
+        disk_full = _disk_full(name, run_dir, err)
+        shown = disk_full or err
+        console.stage_line(name, "failed", time.perf_counter() - t0, f"{type(shown).__name__}: {shown} (log: {log_path})")
+        if disk_full:
+            raise disk_full from err
         raise
-    finally:
-        if log_path.is_file():
-            tracker.log_artifact(log_path)
     console.stage_line(name, "ran", run.wall_time_s, console.format_counts(run.counts, stage.summary))
     return run
+
+
+class DiskFull(StageError):
+    """A stage ran out of disk space. Its own folder has no manifest (it reruns); finished stages are untouched."""
+
+
+def _disk_full(name: str, run_dir: RunDir, err: BaseException) -> DiskFull | None:
+    """`err` (here or in a worker, whose failure carries its errno) as a DiskFull, when it is one."""
+    error = err
+    while error is not None and getattr(error, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+        error = error.__context__  # a write that failed while another failure was being logged
+    if error is None:
+        return None
+    folder = next(p for p in (run_dir.stage(name), *run_dir.stage(name).parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    return DiskFull(f"{name} ran out of disk space ({os.strerror(error.errno)}) with {free:,} bytes "
+                    f"free under {folder}: the stages that finished are intact and stay cached; free space and rerun")
 
 
 def _execute(stage: Stage, config: RunConfig, run_dir: RunDir, tracker: Tracker,

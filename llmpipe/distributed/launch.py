@@ -50,6 +50,8 @@ _WORKER_EXIT = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: \d+\)\n\s*exitcod
 class WorkerFailed(UserError):
     """A torchrun worker failed; the message names its rank and its error in one line."""
 
+    errno: int | None = None  # a worker's OSError number (out of disk space, say)
+
 
 @dataclass(frozen=True)
 class LaunchFiles:
@@ -117,7 +119,9 @@ def run_workers(ctx: StageContext, config: RunConfig, nproc: int,
             on_line(line)
         code = proc.wait()
     if code != 0:
-        raise WorkerFailed(f"{ctx.name}: {describe_failure(files, code, list(tail))}")
+        failure = WorkerFailed(f"{ctx.name}: {describe_failure(files, code, list(tail))}")
+        failure.errno = next((error["errno"] for error in files.errors() if error.get("errno")), None)
+        raise failure
     return json.loads(files.result(0).read_text())
 
 

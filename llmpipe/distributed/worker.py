@@ -59,7 +59,7 @@ def main(job_path: str) -> None:
         result = run_job(job, rank)
     except Exception as err:
         io.write_json(files.error(rank), {"rank": rank, "error": f"{type(err).__name__}: {err}".splitlines()[0],
-                                          "time": time.time()})
+                                          "errno": getattr(err, "errno", None), "time": time.time()})
         # Exit now, without interpreter finalization: the process group is still up (a peer may
         # be in a collective with us, so it is not destroyed), and gloo's threads freed during
         # finalization abort the process, turning a clear error into a SIGABRT.
