@@ -28,6 +28,7 @@ from llmpipe import config as configlib
 from llmpipe import console
 from llmpipe.errors import BadValue
 from llmpipe.paths import RunDir
+from llmpipe.redact import redact
 from llmpipe.runner import (
     add_config_args,
     add_stage_args,
@@ -180,7 +181,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     summary = _run_flow(args.verbose, config_path=str(config_path), run_dir=str(run_dir), until=list(record.stages))
     matches = lineage.match_stages(record, run_dir, uri)
     print(f"\n{lineage.format_matches(matches)}")
-    print(f"\nMLflow run:    {summary['mlflow_run_id']} in {uri}")
+    print(f"\nMLflow run:    {summary['mlflow_run_id']} in {redact(uri)}")
     differing = [m.name for m in matches if not m.matches]
     if differing:
         print(f"llmpipe reproduce: {len(differing)} stage{'s' if len(differing) > 1 else ''} differ: "
@@ -210,8 +211,8 @@ def _print_summary(config: configlib.RunConfig, summary: dict) -> None:
         print(f"\n{terminal_table(json.loads(report_file.read_text()))}")
         print(f"report:        {RunDir(config.run_dir).report_md}")
     print(f"\nrun directory: {config.run_dir}   (logs: {config.run_dir / 'logs'})")
-    print(f"MLflow run:    {summary['mlflow_run_id']} in {uri}")
-    print(f"  UI:          mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
+    print(f"MLflow run:    {summary['mlflow_run_id']} in {redact(uri)}")
+    print(f"  UI:          mlflow ui --backend-store-uri {redact(uri)}   (then http://127.0.0.1:5000)")
     print(f"Prefect run:   {summary['flow_run_id']}")
     print(f"  UI:          PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start   (then http://127.0.0.1:4200)")
 

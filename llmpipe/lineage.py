@@ -22,6 +22,7 @@ from typing import Any
 from llmpipe.config import read_yaml
 from llmpipe.data.crawl import RAW_INPUT_FOLDERS
 from llmpipe.errors import UserError
+from llmpipe.redact import redact
 from llmpipe.stages import STAGES, get_stage, stage_names
 
 # the report's parts that are a function of the stage's inputs (`stages` has wall times, `registry` the store's state)
@@ -69,7 +70,7 @@ def load_record(uri: str, run_id: str) -> RunRecord:
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise RecordError(f"no MLflow run {run_id!r} in {uri}") from None
+        raise RecordError(f"no MLflow run {run_id!r} in {redact(uri)}") from None
     if "llmpipe.stage" in run.data.tags and "mlflow.parentRunId" in run.data.tags:
         run = client.get_run(run.data.tags["mlflow.parentRunId"])
     if "llmpipe.run" not in run.data.tags or "llmpipe.stage" in run.data.tags:

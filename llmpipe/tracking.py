@@ -56,6 +56,8 @@ def init_store(uri: str, runs_root: str | Path = "runs") -> str:
     Concurrent first use of a fresh SQLite store races MLflow's schema migrations.
     Returns the experiment id.
     """
+    # MLflow prints "View run ... at: <URI>" as a run ends: the URI with its password, if it has one
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if not uri.startswith("sqlite:///"):
         return _init_experiment(uri, runs_root)
     from llmpipe.locks import exclusive

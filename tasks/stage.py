@@ -22,7 +22,7 @@ from llmpipe import console, stages
 from llmpipe.config import RunConfig
 from llmpipe.errors import UserError
 from llmpipe.paths import RunDir
-from llmpipe.tracking import MlflowTracker
+from llmpipe.tracking import MlflowTracker, tracking_uri
 from tasks.tracking import publish_report
 
 RETRIES = {"crawl": 2}  # network stages retry; deterministic ones fail fast
@@ -64,7 +64,7 @@ def stage_task(name: str, config: RunConfig, external: dict[str, str], tracking:
     task_run, key = get_run_context().task_run, get_transaction().key
     if key is None:  # Prefect runs the task uncached when the key function raised: raise it here instead
         key = stages.cache_key(stages.get_stage(name), config, external=external)
-    tracker = MlflowTracker(tracking["uri"], tracking["experiment_id"], run_name=name,
+    tracker = MlflowTracker(tracking_uri(config.run_dir.parent), tracking["experiment_id"], run_name=name,
                             parent_run_id=tracking["parent_run_id"],
                             tags={"llmpipe.stage": name, "llmpipe.cache_key": key, "llmpipe.cached": "false",
                                   "prefect.flow_run_id": str(task_run.flow_run_id),
@@ -99,7 +99,7 @@ def report(name: str, future: PrefectFuture, config: RunConfig, tracking: dict) 
     result = state.result()
     cached = state.name == "Cached"
     if cached:
-        MlflowTracker(tracking["uri"], tracking["experiment_id"], run_name=f"{name} (cached)",
+        MlflowTracker(tracking_uri(config.run_dir.parent), tracking["experiment_id"], run_name=f"{name} (cached)",
                       parent_run_id=tracking["parent_run_id"],
                       tags={"llmpipe.stage": name, "llmpipe.cache_key": result["cache_key"], "llmpipe.cached": "true",
                             "llmpipe.fingerprint": result["fingerprint"],

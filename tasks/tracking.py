@@ -11,13 +11,14 @@ from llmpipe import tracking
 from llmpipe.config import RunConfig
 from llmpipe.errors import UserError
 from llmpipe.paths import RunDir
+from llmpipe.tracking import tracking_uri
 
 
 @contextlib.contextmanager
 def pipeline_run(config: RunConfig, flow_run_id: str) -> Iterator[dict]:
     """Open the parent MLflow run; yield what stage tasks need to attach their child runs."""
     runs_root = config.run_dir.parent
-    uri = tracking.tracking_uri(runs_root)
+    uri = tracking_uri(runs_root)
     experiment_id = tracking.init_store(uri, runs_root)  # before any worker process touches the store
     parent = tracking.MlflowTracker(uri, experiment_id, run_name=f"{config.run.name} pipeline",
                                     tags={"llmpipe.run": config.run.name, "prefect.flow_run_id": flow_run_id,
@@ -25,7 +26,8 @@ def pipeline_run(config: RunConfig, flow_run_id: str) -> Iterator[dict]:
     parent.log_params({"run.name": config.run.name, "run.seed": config.run.seed})
     status = "FAILED"
     try:
-        yield {"uri": uri, "experiment_id": experiment_id, "parent_run_id": parent.run_id}
+        # what every stage task gets (as a Prefect parameter): no URI, which may carry a password
+        yield {"experiment_id": experiment_id, "parent_run_id": parent.run_id}
         status = "FINISHED"
     finally:
         if config.run_dir.joinpath("config.yaml").is_file():
@@ -53,7 +55,8 @@ def publish_report(config: RunConfig, tracking: dict) -> str:
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    run_dir, client, run_id = RunDir(config.run_dir), MlflowClient(tracking["uri"]), tracking["parent_run_id"]
+    run_dir, run_id = RunDir(config.run_dir), tracking["parent_run_id"]
+    client = MlflowClient(tracking_uri(config.run_dir.parent))
     card = json.loads(run_dir.report_json.read_text())
     for path in (run_dir.report_json, run_dir.report_md):
         client.log_artifact(run_id, str(path), "report")

@@ -207,7 +207,8 @@ def test_sigkilled_process_resumes_to_the_same_weights(tmp_path):
 
     for name in ("a", "b"):
         make_run_dir(tmp_path / name)
-    subprocess.run(command(tmp_path / "a"), check=True, env=env, capture_output=True)
+    # the uninterrupted run beside the one to kill: one thread each, two cores
+    uninterrupted = subprocess.Popen(command(tmp_path / "a"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     proc = subprocess.Popen(command(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "b" / "pretrain" / "checkpoints"
     deadline = time.monotonic() + 300
@@ -219,6 +220,7 @@ def test_sigkilled_process_resumes_to_the_same_weights(tmp_path):
     assert not (tmp_path / "b" / "pretrain" / "manifest.json").exists()
     killed_at = checkpoint.complete_steps(ckpts)[-1]
     assert 10 <= killed_at < 60
+    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read()
     subprocess.run(command(tmp_path / "b"), check=True, env=env, capture_output=True)
     manifest = json.loads((tmp_path / "b" / "pretrain" / "manifest.json").read_text())
     assert manifest["counts"]["resumed_from_step"] == killed_at

@@ -48,6 +48,7 @@ from llmpipe.config.training import (
     PretrainSection,
     TrainSection,
 )
+from llmpipe.redact import redact
 
 __all__ = [
     "ALIGN_METHODS", "BUILTIN_TASKS", "CHAMPION_METRICS", "SHARDED_STRATEGIES", "AlignSection", "C4QualityConfig", "ConfigError", "CrawlSection",
@@ -133,12 +134,12 @@ def _describe(error: dict, model: type[BaseModel]) -> str:
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, error["loc"][:-1])
         return f"{loc}: unknown key; allowed keys: {', '.join(allowed)}"
-    message = error["msg"].removeprefix("Value error, ")
+    message = redact(error["msg"].removeprefix("Value error, "))
     if not loc:  # a check across sections
         return message
     value = error.get("input")
     shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
-    return f"{loc}={shown}: {message}"
+    return f"{loc}={redact(shown)}: {message}"
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:

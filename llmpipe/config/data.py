@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 
 from llmpipe.config.base import Section, _existing_path
+from llmpipe.redact import has_secret, redact
 
 
 class CrawlSection(Section):
@@ -46,8 +47,24 @@ class CrawlSection(Section):
         for seed in seeds:
             parts = urlsplit(seed)
             if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"{seed!r} is not an http(s) URL with a host (allowed schemes: http, https)")
+                raise ValueError(f"{redact(seed)!r} is not an http(s) URL with a host (allowed schemes: http, https)")
+            _no_secret(seed)
         return seeds
+
+    @field_validator("warc_inputs")
+    @classmethod
+    def _no_secret_inputs(cls, inputs: list[str]) -> list[str]:
+        for url in inputs:
+            _no_secret(url)
+        return inputs
+
+
+def _no_secret(url: str) -> None:
+    """A URL of the config goes into config.yaml, manifests and MLflow params: no credentials in it."""
+    if has_secret(url):
+        raise ValueError(f"{redact(url)!r} carries credentials (a password or a token in the URL), and the config "
+                         "is recorded in config.yaml, manifests and MLflow; give them through the environment "
+                         "(fsspec reads a filesystem's credentials there) or crawl public pages")
 
 
 class LanguageFilterConfig(Section):

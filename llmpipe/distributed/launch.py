@@ -5,7 +5,8 @@ stage folder and opened the stage's MLflow run, and it writes the manifest after
 between it hands the work to `torchrun --standalone --nproc-per-node N -m llmpipe.distributed.worker`:
 
   * everything a worker needs is in `<stage>/.launch/job.json` (the stage name, the resolved
-    config, the stage folder, the MLflow tracking URI and run id), never a pickled context;
+    config, the stage folder, the MLflow run id), never a pickled context; the store's URI,
+    which may carry a password, comes by the environment (`MLFLOW_TRACKING_URI`);
   * torchrun's output is streamed line by line to `on_line` (stdout by default, so it lands in
     whatever log the stage's output goes to);
   * torchrun runs in a process group of its own that gets SIGTERM when the parent dies or is
@@ -91,9 +92,12 @@ def torchrun_command(job: Path, nproc: int) -> list[str]:
             "-m", WORKER_MODULE, str(job)]
 
 
-def worker_env(nproc: int) -> dict[str, str]:
-    """Unbuffered output, so lines arrive as they are printed; the cores shared out between workers."""
+def worker_env(nproc: int, tracking_uri: str | None = None) -> dict[str, str]:
+    """Unbuffered output, so lines arrive as they are printed; the cores shared out between workers;
+    the MLflow store by the environment, never in a file (its URI may carry a password)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
     if nproc == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -107,12 +111,12 @@ def run_workers(ctx: StageContext, config: RunConfig, nproc: int,
     shutil.rmtree(files.root, ignore_errors=True)  # an earlier attempt's errors are not this one's
     io.write_json(files.job, {"stage": ctx.name, "config": config.model_dump(mode="json"),
                               "out_dir": str(ctx.out_dir), "inputs": encode_inputs(ctx.inputs),
-                              "tracking": {"uri": ctx.tracker.uri, "run_id": ctx.tracker.run_id,
-                                           "file": str(files.tracking)}})
+                              "tracking": {"run_id": ctx.tracker.run_id, "file": str(files.tracking)}})
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     with Replay(files.tracking, ctx.tracker), \
             supervised(torchrun_command(files.job, nproc), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, errors="replace", env=worker_env(nproc)) as proc:
+                       stderr=subprocess.STDOUT, text=True, errors="replace",
+                       env=worker_env(nproc, ctx.tracker.uri)) as proc:
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail.append(line)

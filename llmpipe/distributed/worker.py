@@ -31,7 +31,7 @@ from llmpipe.tracking import FileTracker, NullTracker, Tracker
 
 def tracker_for_rank(rank: int, tracking: dict) -> Tracker:
     if rank == 0 and tracking["run_id"]:
-        return FileTracker(tracking["file"], tracking["uri"], tracking["run_id"])
+        return FileTracker(tracking["file"], os.environ.get("MLFLOW_TRACKING_URI"), tracking["run_id"])
     return NullTracker()
 
 
