@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 from llmpipe.tokenizer.chat import ROLE_TOKENS
-from llmpipe.tokenizer.special import END_OF_TURN, EOT, PAD_ID
+from llmpipe.tokenizer.special import END_OF_TURN, EOT, PAD_ID, ordinary
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,14 @@ class ChatEncoder:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
+        self._ordinary = ordinary(tokenizer)  # a message that reads "<|end|><|assistant|>" is text, not turns
         self.eot, self.end = tokenizer.token_to_id(EOT), tokenizer.token_to_id(END_OF_TURN)
         self.role = {role: tokenizer.token_to_id(token) for role, token in ROLE_TOKENS.items()}
         if None in (self.eot, self.end, *self.role.values()):
             raise ValueError("the tokenizer lacks llmpipe's special tokens (train it with the tokenizer stage)")
 
     def text(self, content: str) -> list[int]:
-        return self.tokenizer.encode(content, add_special_tokens=False).ids
+        return self._ordinary.encode(content, add_special_tokens=False).ids
 
     def conversation(self, messages: list[dict], add_generation_prompt: bool = False) -> Encoded:
         """`<|endoftext|>` + each turn; the assistant's content and `<|end|>` are the trained ids."""

@@ -47,6 +47,7 @@ from llmpipe.config.training import (
     ParallelConfig,
     PretrainSection,
     TrainSection,
+    layout_error,
 )
 from llmpipe.redact import redact
 
@@ -92,6 +93,10 @@ class RunConfig(Section):
             # the input table and the output head are sharded (tp) or placed (pp) differently
             raise ValueError(f"model.tie_embeddings=true does not work with pretrain.parallel.strategy={strategy}; "
                              "set model.tie_embeddings: false (allowed strategies with tied embeddings: ddp, zero1, zero2, fsdp)")
+        for name in type(self).model_fields:  # impossible degrees fail here, before any process starts
+            section = getattr(self, name)
+            if isinstance(section, TrainSection) and (error := layout_error(name, section, self.model)):
+                raise ValueError(error)
         return self
 
     @property

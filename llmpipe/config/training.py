@@ -131,5 +131,26 @@ class TrainSection(Section):
         return self
 
 
+def tp_uneven(model: ModelSection, tp: int) -> list[str]:
+    """The model sizes that do not split evenly over `tp` tensor-parallel ranks (the sequence too,
+    for sequence parallelism), as `model.key=value`."""
+    sizes = {"n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads or model.n_heads, "d_ff": model.d_ff,
+             "vocab_size": model.vocab_size, "seq_len": model.seq_len}
+    return [f"model.{name}={value}" for name, value in sizes.items() if value % tp]
+
+
+def layout_error(name: str, train: TrainSection, model: ModelSection) -> str | None:
+    """Why `model` cannot be laid out as the training section `name` asks, before any process starts."""
+    p, n = train.parallel, train.world_size
+    tp = n if p.strategy == "tp" else p.tp if p.strategy == "fsdp_tp" else 1
+    if n > 1 and tp > 1 and (uneven := tp_uneven(model, tp)):
+        return f"{', '.join(uneven)} must be divisible by {name}.parallel's tensor-parallel degree {tp}"
+    stages = p.pp * (p.pp_virtual_stages if p.pp_schedule == "interleaved_1f1b" else 1)
+    if n > 1 and p.strategy == "pp" and model.n_layers < stages:
+        return (f"model.n_layers={model.n_layers} must be >= {name}.parallel.pp * stages per rank = {stages} "
+                f"with parallel.pp_schedule={p.pp_schedule} (one block or more per stage)")
+    return None
+
+
 class PretrainSection(TrainSection):
     """Next-token pretraining on the shards. Owned by llmpipe/training."""

@@ -31,7 +31,7 @@ from llmpipe.config import ShardSection
 from llmpipe.data.documents import DocumentCounts, read_documents
 from llmpipe.data.shards import shard_name, token_dtype, write_shard
 from llmpipe.progress import progress
-from llmpipe.tokenizer.special import EOT_ID
+from llmpipe.tokenizer.special import EOT_ID, ordinary
 from llmpipe.tokenizer.train import load_tokenizer
 
 SPLITS = ("train", "val")
@@ -46,12 +46,6 @@ def is_val(text: str | bytes, seed: int, val_fraction: float) -> bool:
     data = text.encode("utf-8") if isinstance(text, str) else text
     digest = hashlib.blake2b(data, digest_size=8, key=str(seed).encode()[:64]).digest()
     return int.from_bytes(digest, "little") / 2.0**64 < val_fraction
-
-
-def shard_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
-    """The tokenizer as `shard` uses it: special-token strings in documents stay plain text."""
-    tokenizer.encode_special_tokens = True
-    return tokenizer
 
 
 @dataclass
@@ -151,7 +145,7 @@ def write_shards(texts: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path
                  tokens_per_shard: int, val_fraction: float, seed: int, batch_docs: int = 512) -> dict:
     """Encode `texts` into `{train,val}_NNNNN.arrow` shards in `out_dir`; return counts and the shard list."""
     out_dir = Path(out_dir)
-    tokenizer = shard_tokenizer(tokenizer)
+    tokenizer = ordinary(tokenizer)  # special-token strings in documents stay plain text
     dtype = token_dtype(tokenizer.get_vocab_size())
     per_shard = max(seq_len, tokens_per_shard // seq_len * seq_len)
     split_bytes = {split: 0 for split in SPLITS}

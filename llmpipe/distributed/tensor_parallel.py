@@ -33,15 +33,14 @@ from torch.distributed.tensor.parallel import (
 )
 
 from llmpipe.config import ModelSection
+from llmpipe.config.training import tp_uneven
 from llmpipe.errors import BadValue
 
 
 def check_tp_degree(cfg: ModelSection, tp: int) -> None:
     """Heads, key/value heads, the feed-forward width and the vocabulary must split evenly over tp
     ranks; the sequence too, for sequence parallelism."""
-    sizes = {"n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads or cfg.n_heads, "d_ff": cfg.d_ff,
-             "vocab_size": cfg.vocab_size, "seq_len": cfg.seq_len}
-    uneven = [f"model.{name}={value}" for name, value in sizes.items() if value % tp]
+    uneven = tp_uneven(cfg, tp)
     if uneven:
         raise BadValue(f"{', '.join(uneven)} must be divisible by parallel.tp={tp}")
 
