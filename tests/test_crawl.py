@@ -262,6 +262,42 @@ def test_crawl_budget_stops_at_max_pages(sites, tmp_path):
     assert sum(site.counts().values()) == before
 
 
+def test_two_crawls_of_a_static_site_under_a_page_budget_keep_the_same_pages(tmp_path):
+    """Pages answer after random delays (other ones in each crawl), some fail: the budget still
+    fills with the same pages, the first that succeed in (depth, URL) order."""
+    import random
+
+    jitter = random.Random(0)
+    pages = {"/": [f"/p{i:02d}.html" for i in range(40)]}
+    pages.update({f"/p{i:02d}.html": [f"/q{i:02d}-{j}.html" for j in range(3)] for i in range(40)})
+
+    def routes(site, h):
+        time.sleep(jitter.uniform(0, 0.08))
+        if h.path in pages and h.path not in ("/p03.html", "/p07.html"):  # two links are broken
+            return _send(h, _page(h.path, pages[h.path]))
+        return _send(h, b"gone", status=404, content_type="text/plain")
+
+    kept = []
+    for attempt in range(3):
+        site = Site(routes)
+        try:
+            run_crawl(_job(site, tmp_path / str(attempt), max_pages=15, concurrency_per_host=8), timeout_s=60)
+            kept.append(sorted(_paths(_warc_urls(tmp_path / str(attempt) / "warc"), site)))
+        finally:
+            site.close()
+    assert kept[0] == ["/", *[f"/p{i:02d}.html" for i in range(16) if i not in (3, 7)]]
+    assert kept[1] == kept[0] and kept[2] == kept[0]
+
+
+def test_every_request_of_a_first_burst_waits_for_robots_txt(sites, tmp_path):
+    """Scrapy 2.19 let the third request that waited for a host's robots.txt through unchecked."""
+    site, _ = sites
+    seeds = [site.base + p for p in ("", "a.html", "b.html", "private/secret.html", "private/other.html")]
+    summary = run_crawl(_job(site, tmp_path, seeds=seeds, max_depth=0), timeout_s=60)
+    assert not any(path.startswith("/private/") for path in site.counts())
+    assert summary["skipped"]["robots"] == 2
+
+
 def _wait_for(predicate, timeout_s: float):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

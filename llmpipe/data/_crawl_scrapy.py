@@ -5,9 +5,14 @@ delay and autothrottle, timeouts, redirects (RedirectMiddleware, REDIRECT_MAX_TI
 size limit (DOWNLOAD_MAXSIZE cancels a download once the Content-Length or the bytes received
 pass it) and retries. This module adds what a pretraining crawl needs on top:
 
+  * `PageSpider` issues its requests itself, level by level: a depth's links are scheduled only
+    when the whole depth is done, in URL order, and never more than the page budget has room for
+    (pages written + pages in flight <= max_pages); a failed page's room goes to the next URL.
+    So two crawls of a static site keep the same pages however their responses interleave: the
+    first `max_pages` pages that succeed, in (depth, URL) order.
   * `FrontierGuard` (downloader middleware, first in the chain): host allow-list for every
     request including redirect hops, fetch-once (a URL already in the WARC is never downloaded
-    again) and the page budget (pages written + pages in flight <= max_pages).
+    again).
   * `headers_received`: a response whose Content-Type is not HTML is cut off after its headers.
   * `WarcOutput`: each fetched page as a gzipped WARC response + request record pair.
   * `CrawlState.load`: the resume logic (see llmpipe/data/crawl.py).
@@ -17,6 +22,7 @@ It runs as its own process because Twisted's reactor cannot be restarted in one 
 
 from __future__ import annotations
 
+import heapq
 import http.client
 import json
 import re
@@ -30,10 +36,14 @@ from urllib.parse import urlsplit
 import scrapy
 from scrapy import signals
 from scrapy.crawler import CrawlerProcess
+from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware
 from scrapy.exceptions import CloseSpider, IgnoreRequest, StopDownload
 from scrapy.http import HtmlResponse
 from scrapy.linkextractors import LinkExtractor
 from scrapy.spidermiddlewares.httperror import HttpError
+from scrapy.utils.defer import maybe_deferred_to_future
+from scrapy.utils.httpobj import urlparse_cached
+from twisted.internet.defer import Deferred
 
 from llmpipe.data.crawl import (
     DEPTH_HEADER,
@@ -76,6 +86,8 @@ class CrawlState:
         self.skipped: dict[str, str] = {}  # URL -> reason, this session and earlier ones
         self.seen: set[str] = set()  # fetched, skipped, or already scheduled in this session
         self.reserved: set[str] = set()  # root URLs of requests in flight (one page each)
+        self.queue: list[tuple[int, str]] = []  # (depth, url) accepted, not yet requested: a heap
+        self.level = 0  # the depth being fetched
         self.trap = TrapGuard(job.max_url_length, job.max_path_segments, job.max_segment_repeats,
                               job.max_query_variants)
         self.excludes = [re.compile(p) for p in job.exclude_url_patterns]
@@ -235,15 +247,40 @@ class FrontierGuard:
         return None
 
 
+class RobotsTxt(RobotsTxtMiddleware):
+    """Scrapy's robots.txt middleware, with every request that waits for robots.txt given the parser.
+
+    Scrapy 2.19's hands the parser to the first request waiting on the shared Deferred and None
+    ("no robots.txt: allow all") to the others (`Deferred.asFuture` consumes the result), so the
+    third request of a burst to a new host ignored `Disallow`. Here each waiter has its own Deferred.
+    """
+
+    def __init__(self, crawler):
+        super().__init__(crawler)
+        self._waiters: dict[str, list[Deferred]] = {}
+
+    async def robot_parser(self, request):
+        netloc = urlparse_cached(request).netloc
+        if isinstance(self._parsers.get(netloc), Deferred):  # another request is fetching robots.txt
+            mine: Deferred = Deferred()
+            self._waiters.setdefault(netloc, []).append(mine)
+            return await maybe_deferred_to_future(mine)
+        parser = await super().robot_parser(request)  # fetches robots.txt, or has its parser
+        for waiter in self._waiters.pop(netloc, []):
+            waiter.callback(parser)
+        return parser
+
+
 _STATE: CrawlState | None = None  # the one crawl of this process (set in main)
 
 
 class PageSpider(scrapy.Spider):
     name = "llmpipe"
 
-    def __init__(self, state: CrawlState, **kwargs):
+    def __init__(self, state: CrawlState, max_in_flight: int = 16, **kwargs):
         super().__init__(**kwargs)
         self.state = state
+        self.max_in_flight = max_in_flight
         self.warc = WarcOutput(state.warc_dir, state.job.user_agent)
         self.started = time.time()
         self.bar = progress(state.job.max_pages, "crawl", unit="page", initial=len(state.fetched))
@@ -262,7 +299,30 @@ class PageSpider(scrapy.Spider):
             if reason:
                 self.state.skip(url, reason)
                 continue
-            yield self._request(url, depth)
+            heapq.heappush(self.state.queue, (depth, url))
+        for request in self._next_requests():
+            yield request
+
+    def _next_requests(self) -> list[scrapy.Request]:
+        """As many queued URLs as the budget and the concurrency have room for, in (depth, URL)
+        order; the next depth only once nothing of this one is in flight."""
+        state, requests = self.state, []
+        while state.queue and state.budget_left() > 0 and len(state.reserved) < self.max_in_flight:
+            depth, url = state.queue[0]
+            if state.reserved and depth > state.level:
+                break  # the level's last pages may still fail and give their room to its next URLs
+            heapq.heappop(state.queue)
+            state.level = depth
+            if url in state.fetched:  # a redirect target fetched meanwhile
+                continue
+            state.reserved.add(url)
+            requests.append(self._request(url, depth))
+        return requests
+
+    def _schedule_next(self) -> None:
+        """Called where a page's room was given back outside a callback's output."""
+        for request in self._next_requests():
+            self.crawler.engine.crawl(request)
 
     def _request(self, url: str, depth: int) -> scrapy.Request:
         return scrapy.Request(url, callback=self.parse, errback=self.on_error, priority=-depth,
@@ -277,6 +337,7 @@ class PageSpider(scrapy.Spider):
         if not isinstance(response, HtmlResponse):
             state.reserved.discard(root)
             state.skip(root, "not_html")
+            yield from self._next_requests()
             return
         redirected_from = [u for u in response.meta.get("redirect_urls", []) if normalize_url(u) != url]
         self.warc.write_page(response, depth, redirected_from)
@@ -288,24 +349,25 @@ class PageSpider(scrapy.Spider):
         self.bar.update()
         if len(state.fetched) >= state.job.max_pages:
             raise CloseSpider("page_budget")
-        if depth + 1 > state.job.max_depth:
-            return
-        for link in state.links.extract_links(response):
-            target = normalize_url(link.url)
-            if target in state.seen:
-                continue
-            state.seen.add(target)
-            reason = state.rejection(target, depth + 1)
-            if reason:
-                state.skip(target, reason)
-                continue
-            yield self._request(target, depth + 1)
+        if depth + 1 <= state.job.max_depth:
+            for link in state.links.extract_links(response):
+                target = normalize_url(link.url)
+                if target in state.seen:
+                    continue
+                state.seen.add(target)
+                reason = state.rejection(target, depth + 1)
+                if reason:
+                    state.skip(target, reason)
+                    continue
+                heapq.heappush(state.queue, (depth + 1, target))
+        yield from self._next_requests()
 
     def on_error(self, failure):
         request = failure.request
         root = request.meta.get("root_url", request.url)
         self.state.reserved.discard(root)
         self.state.skip(root, _classify(failure))
+        return self._next_requests()
 
     def on_headers(self, headers, body_length, request, spider):
         if request.meta.get("dont_obey_robotstxt") or urlsplit(request.url).path == "/robots.txt":
@@ -320,6 +382,7 @@ class PageSpider(scrapy.Spider):
         if root is not None and root in self.state.reserved:
             self.state.reserved.discard(root)
             self.state.skip(root, "redirect_loop")
+            self._schedule_next()
 
     def closed(self, reason):
         self.bar.close()
@@ -391,7 +454,9 @@ def settings_for(job: CrawlJob) -> dict:
         "DEPTH_LIMIT": 0,  # depth is FrontierGuard's business (max_depth)
         "SCHEDULER_MEMORY_QUEUE": "scrapy.squeues.FifoMemoryQueue",  # breadth-first within a depth
         "SCHEDULER_DISK_QUEUE": "scrapy.squeues.PickleFifoDiskQueue",
-        "DOWNLOADER_MIDDLEWARES": {f"{__name__}.FrontierGuard": 40},
+        "DOWNLOADER_MIDDLEWARES": {f"{__name__}.FrontierGuard": 40,
+                                   "scrapy.downloadermiddlewares.robotstxt.RobotsTxtMiddleware": None,
+                                   f"{__name__}.RobotsTxt": 100},
         "LOG_LEVEL": "WARNING",  # the progress bar and the session summary say what INFO would
         "LOGSTATS_INTERVAL": 30.0,
     }
@@ -407,8 +472,9 @@ def main(argv: list[str]) -> int:
         (_STATE.state_dir / f"session-{n:05d}.json").write_text(json.dumps(
             {"pages_written": 0, "pages_total": len(_STATE.fetched), "skipped": {}, "close_reason": "nothing_to_do"}))
         return 0
-    process = CrawlerProcess(settings_for(job))
-    process.crawl(PageSpider, state=_STATE)
+    settings = settings_for(job)
+    process = CrawlerProcess(settings)
+    process.crawl(PageSpider, state=_STATE, max_in_flight=settings["CONCURRENT_REQUESTS"])
     process.start()
     return 0
 
