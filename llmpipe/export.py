@@ -159,5 +159,5 @@ def export_hf(run_dir: Path, stage: str, out: Path) -> Path:
     export_weights(run_dir.stage(stage), out)
     export_tokenizer(run_dir.tokenizer_dir, out, load_config(run_dir.stage(stage)).seq_len)
     io.write_json(out / "llmpipe_export.json", {"run_dir": str(run_dir.root), "stage": stage,
-                                                "source_manifest": json.loads(run_dir.manifest(stage).read_text())["fingerprint"]})
+                                                "source_manifest": io.read_manifest(run_dir.stage(stage))["fingerprint"]})
     return out

@@ -42,7 +42,7 @@ def verify_sha256(path: str | Path, expected: str) -> None:
 def rebuild_hint(path: str | Path) -> str:
     """How to rebuild a stage's file: its stage is the nearest folder above it with a manifest."""
     for folder in Path(path).parents:
-        if (folder / "manifest.json").is_file():
+        if (folder / MANIFEST).is_file():
             return f"; rebuild it with `llmpipe run ... --force {folder.name}`"
     return ""
 
@@ -86,12 +86,43 @@ def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+MANIFEST = "manifest.json"
+MANIFEST_SEAL = "manifest_sha256"  # sha256 of the manifest's other fields: a hand edit shows
+
+
+def _canonical_sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> None:
+    """A stage's manifest, sealed with the sha256 of its content, written last and atomically."""
+    write_json(Path(folder) / MANIFEST, {**manifest, MANIFEST_SEAL: _canonical_sha256(manifest)})
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest in `folder`, checked against its seal: one edited by hand or cut short raises
+    `ChecksumError` naming it and the command that rebuilds the stage. (A manifest without a
+    seal, from an older llmpipe or a test's stand-in, is taken as it is.)"""
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise ChecksumError(f"{path} is not valid JSON (edited by hand, or cut short){rebuild_hint(path)}") from None
+    if not isinstance(manifest, dict):
+        raise ChecksumError(f"{path} is not a manifest (edited by hand?){rebuild_hint(path)}")
+    seal = manifest.pop(MANIFEST_SEAL, None)
+    if seal is not None and seal != _canonical_sha256(manifest):
+        raise ChecksumError(f"{path} was changed after its stage wrote it (its content does not match its "
+                            f"sha256){rebuild_hint(path)}")
+    return manifest
+
+
 def verify_listed(folder: str | Path, name: str) -> Path:
     """`folder`/`name`, after checking its sha256 against the stage manifest in `folder` (the
     manifest is written last, so a file it lists was complete); raises `ChecksumError` otherwise."""
     folder = Path(folder)
-    manifest = folder / "manifest.json"
-    files = json.loads(manifest.read_text())["files"] if manifest.is_file() else {}
+    manifest = folder / MANIFEST
+    files = read_manifest(folder)["files"] if manifest.is_file() else {}
     if name not in files:
         raise ChecksumError(f"{folder / name} is not listed in {manifest}: its stage did not complete")
     if not (folder / name).is_file():

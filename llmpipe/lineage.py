@@ -171,6 +171,7 @@ def _digest(files: dict[str, str]) -> str:
 
 def match_stages(record: RunRecord, run_dir: Path, uri: str) -> list[StageMatch]:
     """Each recorded stage against the same stage in `run_dir`."""
+    from llmpipe import io
     from llmpipe.paths import RunDir
 
     run, results = RunDir(run_dir), []
@@ -180,7 +181,7 @@ def match_stages(record: RunRecord, run_dir: Path, uri: str) -> list[StageMatch]
         if not manifest_path.is_file():
             results.append(StageMatch(name, _short(_digest(recorded)), "missing", False, ["manifest.json"]))
             continue
-        reproduced = comparable_files(name, json.loads(manifest_path.read_text()))
+        reproduced = comparable_files(name, io.read_manifest(manifest_path.parent))
         if name == "eval":  # the report's numbers, alongside its plots and task files
             recorded["report numbers"] = _digest(report_numbers(_download_json(_client(uri), stage.run_id, "report/report.json")))
             reproduced["report numbers"] = _digest(report_numbers(json.loads(run.report_json.read_text())))

@@ -268,7 +268,7 @@ def read_manifest(run_dir: RunDir, stage: str) -> dict:
     path = run_dir.manifest(stage)
     if not path.is_file():
         raise StageError(f"stage {stage!r} has not completed: {path} is missing (run `llmpipe {stage}` first)")
-    return json.loads(path.read_text())
+    return io.read_manifest(path.parent)
 
 
 def external_fingerprints(config: RunConfig, names: list[str]) -> dict[str, str]:
@@ -304,9 +304,13 @@ def cache_key(stage: Stage, config: RunConfig, inputs: dict[str, str] | None = N
 
 
 def is_current(name: str, config: RunConfig, key: str) -> bool:
-    """True when the stage's manifest on disk was written for `key`."""
+    """True when the stage's manifest on disk was written for `key` (and not changed since: an edited
+    manifest is no cache, so the stage is rebuilt)."""
     path = RunDir(config.run_dir).manifest(name)
-    return path.is_file() and json.loads(path.read_text()).get("cache_key") == key
+    try:
+        return path.is_file() and io.read_manifest(path.parent).get("cache_key") == key
+    except io.ChecksumError:
+        return False
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -502,7 +506,7 @@ def _execute(stage: Stage, config: RunConfig, run_dir: RunDir, tracker: Tracker,
         "counts": metrics,
         "details": details,
     }
-    io.write_json(run_dir.manifest(name), manifest)
+    io.write_manifest(out_dir, manifest)
     tracker.log_metrics({**metrics, **timing, "wall_time_s": wall})
     # the record `llmpipe reproduce` and `llmpipe compare` read (the manifest artifact has the rest)
     tracker.set_tags({"llmpipe.started_at": started.isoformat(), "llmpipe.git_commit": _git_commit() or "unknown",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 from io import BytesIO
 from pathlib import Path
@@ -221,6 +222,43 @@ def write_warc(path: Path, pages: list[tuple[str, bytes]]) -> None:
             headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
             record = writer.create_warc_record(url, "response", payload=BytesIO(body), http_headers=headers)
             writer.write_record(record)
+
+
+def write_records(path: Path, records: list[tuple[str, bytes, str]]) -> None:
+    """Response records with their own Content-Type headers and no payload-type header (as old crawls)."""
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        for url, body, content_type in records:
+            headers = StatusAndHeaders("200 OK", [("Content-Type", content_type)], protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(url, "response", payload=BytesIO(body), http_headers=headers))
+
+
+def test_bad_pages_are_skipped_and_counted_by_reason_and_odd_encodings_decoded(tmp_path):
+    pages = _site_pages()[:4]
+    accented = PROSE[1].replace("Bakers", "Naïve bakers at the café")
+    records = [(url, body, "text/html; charset=utf-8") for url, body in pages] + [
+        ("http://example.test/empty.html", b"  \n ", "text/html"),
+        ("http://example.test/binary.html", b"<html>" + os.urandom(2000) + b"\x00\x00", "text/html"),
+        ("http://example.test/bad-utf8.html", b"<html><body><p>caf\xc3 \xff\xfe au lait</p>" + b"\x81\xfe" * 50, "text/html; charset=utf-8"),
+        ("http://example.test/huge.html", b"<html><body>" + b"<p>many words here</p>" * 60_000, "text/html"),
+        ("http://example.test/cp1252.html", _html("Café", accented + "\n" + PROSE[3]).decode().encode("cp1252"),
+         "text/html; charset=windows-1252"),
+        ("http://example.test/utf16.html", _html("Page 16", PROSE[2] + "\n" + PROSE[0]).decode().encode("utf-16"), "text/html"),
+        ("http://example.test/logo.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "image/png"),
+    ]
+    run_dir = RunDir(tmp_path / "run")
+    write_records(run_dir.warc_dir / "part-00000.warc.gz", records)
+    cfg = PrepareSection(tasks=2, workers=2, max_page_bytes=1_000_000, language={"enabled": False})
+    counts = prepare_stage(_ctx(run_dir), cfg)
+    assert counts["pages_skipped"] == {"binary": 1, "empty": 1, "not_html": 1, "too_large": 1, "undecodable": 1}
+    assert counts["pages_in"] == 6  # four good pages, the windows-1252 and the UTF-16 one
+    texts = [json.loads(line)["text"] for path in sorted(run_dir.documents_dir.glob("*.jsonl.gz"))
+             for line in gzip.open(path, "rt", encoding="utf-8")]
+    assert any("Naïve bakers at the café" in text for text in texts)  # decoded by its declared charset
 
 
 def _site_pages() -> list[tuple[str, bytes]]:

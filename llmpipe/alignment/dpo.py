@@ -14,12 +14,12 @@ SFT model (from the cache) and of the DPO model go to the manifest.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from llmpipe import io
 from llmpipe.alignment.data import RowCounts, load_preferences
 from llmpipe.alignment.dpo_reference import HELDOUT_FILE, TRAIN_FILE, pair_logps, pref_accuracy, read_table
 from llmpipe.alignment.render import ChatEncoder, EncodedPair, completion_logps, encode_pairs, pair_batch
@@ -129,7 +129,7 @@ def run_dpo(model_cfg: ModelSection, cfg: DPOSection, *, init_from: Path, refere
 
 def reference_max_length(reference_dir: Path, model_cfg: ModelSection) -> int:
     """The max_length the reference cache was built with (its manifest's config), so DPO keeps its pairs."""
-    manifest = json.loads((Path(reference_dir) / "manifest.json").read_text())
+    manifest = io.read_manifest(reference_dir)
     return manifest["config"]["dpo_reference"]["max_length"] or model_cfg.seq_len
 
 

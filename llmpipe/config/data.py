@@ -167,6 +167,7 @@ class PrepareSection(Section):
     workers: int = Field(2, ge=1)  # concurrent tasks on the local executor
     output_format: Literal["jsonl", "parquet"] = "jsonl"
     extract_timeout_s: float = Field(5.0, gt=0)  # trafilatura time limit per page
+    max_page_bytes: int = Field(5_000_000, ge=1024)  # larger pages are skipped (counted as too_large)
     favour_precision: bool = True  # trafilatura: less boilerplate, may lose some text
     language: LanguageFilterConfig = LanguageFilterConfig()
     gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()

@@ -21,11 +21,13 @@ that `ray.init(prepare.ray.address)` joins (`pip install ray`).
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import gzip
 import hashlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -57,18 +59,85 @@ def normalized_text(doc: Document) -> str:
     return " ".join(doc.text.split())
 
 
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+_CHARSET = re.compile(r"charset\s*=\s*[\"']?([\w.:-]+)", re.IGNORECASE)
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def page_from_record(record, max_bytes: int) -> dict | str | None:
+    """A WARC record as datatrove's reader dict, or why the page is skipped: `not_html`, `empty`,
+    `too_large`, `binary` (NUL bytes), `undecodable`; None for records that are not pages
+    (warcinfo, request). The text is decoded by its byte-order mark, else the charset the HTTP
+    header declares, else UTF-8, else the charset cchardet detects (datatrove's fallback)."""
+    import magic
+
+    if record.rec_type not in ("response", "conversion"):  # WET files hold "conversion" records
+        return None
+    content_type = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
+    mime = record.rec_headers.get_header("WARC-Identified-Payload-Type") or content_type.split(";")[0].strip().lower() or None
+    allowed = (*HTML_TYPES, *(("text/plain",) if record.rec_type == "conversion" else ()))
+    if mime is not None and mime not in allowed:
+        return "not_html"
+    body = record.content_stream().read(max_bytes + 1)
+    if len(body) > max_bytes:
+        return "too_large"
+    if not body.strip():
+        return "empty"
+    bom = next((codec for mark, codec in _BOMS if body.startswith(mark)), None)
+    if bom is None and b"\x00" in body:
+        return "binary"  # no text encoding of HTML has NUL bytes but UTF-16/32, which start with a mark
+    if mime is None and magic.from_buffer(body, mime=True) not in allowed:
+        return "not_html"  # older crawls without a type
+    declared = match.group(1) if (match := _CHARSET.search(content_type)) else None
+    text = _decode(body, [bom, declared])
+    if text is None:
+        return "undecodable"
+    headers = record.rec_headers
+    return {"text": text, "id": headers.get_header("WARC-Record-ID"), "url": headers.get_header("WARC-Target-URI"),
+            "date": headers.get_header("WARC-Date")}
+
+
+def _decode(body: bytes, first: list[str | None]) -> str | None:
+    """`body` decoded by the first of `first`, UTF-8 and cchardet's guess that fits."""
+    import cchardet
+
+    for codec in filter(None, dict.fromkeys([*first, "utf-8", cchardet.detect(body)["encoding"]])):
+        try:
+            return body.decode(codec)
+        except (UnicodeDecodeError, LookupError):
+            continue
+    return None
+
+
 class RecordShardedWarcReader(WarcReader):
     """WarcReader that, with fewer files than tasks, splits the records (not the files) across ranks,
-    and records the file's name inside the input folder as `file_path`.
+    records the file's name inside the input folder as `file_path`, and counts each page it
+    skips by reason (`skipped_<reason>` in its stats; datatrove's reader drops them silently).
 
     A crawl session writes one WARC file; without this, one task would do all the extraction.
     datatrove would record the absolute path, and a run directory moved elsewhere would then
     make other bytes from the same pages.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, max_page_bytes: int = 5_000_000, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_file_path = False  # set below, relative
+        self.max_page_bytes = max_page_bytes
+        self._count_skips = True  # every rank reads every record when records are split: rank 0 counts
+
+    def read_file(self, filepath: str):
+        from warcio.archiveiterator import ArchiveIterator
+
+        with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
+            for index, record in enumerate(ArchiveIterator(f)):
+                with self.track_time():
+                    page = page_from_record(record, self.max_page_bytes)
+                    if isinstance(page, str) and self._count_skips:
+                        self.stat_update(f"skipped_{page}")
+                    document = self.get_document_from_dict(page, filepath, index) if isinstance(page, dict) else None
+                if document:
+                    yield document
 
     def get_document_from_dict(self, data: dict, source_file: str, id_in_file: int):
         document = super().get_document_from_dict(data, source_file, id_in_file)
@@ -81,6 +150,7 @@ class RecordShardedWarcReader(WarcReader):
         if len(files) >= world_size:
             yield from super().run(data, rank, world_size)
             return
+        self._count_skips = rank == 0
         if data:
             yield from data
         for i, doc in enumerate(self.read_files_shard(files)):
@@ -225,11 +295,12 @@ def run_prepare(cfg: PrepareSection, warc_dir: Path, wet_dir: Path | None, docum
     # 1. read, extract, filter
     pipeline: list = []
     if _has_files(warc_dir, "*.warc*"):
-        pipeline += [RecordShardedWarcReader(str(warc_dir), glob_pattern="*.warc*", default_metadata={"source": "warc"}),
+        pipeline += [RecordShardedWarcReader(str(warc_dir), glob_pattern="*.warc*", default_metadata={"source": "warc"},
+                                             max_page_bytes=cfg.max_page_bytes),
                      Trafilatura(favour_precision=cfg.favour_precision, timeout=cfg.extract_timeout_s)]
     if wet_dir is not None and _has_files(wet_dir, "*.wet*"):
         pipeline.append(RecordShardedWarcReader(str(wet_dir), glob_pattern="*.wet*",
-                                                default_metadata={"source": "wet"}))
+                                                default_metadata={"source": "wet"}, max_page_bytes=cfg.max_page_bytes))
     if not pipeline:
         raise MissingInput(f"prepare: no WARC files in {warc_dir} and no WET files in {wet_dir}")
     pipeline += [step for _, step in filter_steps]
@@ -288,6 +359,14 @@ def collect_counts(logs: Path, filter_names: list[str], documents_dir: Path, sec
     extract_stats = F.read_stats(logs / "extract_filter")
     counts: dict = {}
     funnel: dict = {}
+    skipped: dict[str, int] = {}
+    for step in extract_stats:  # the readers' pages skipped before extraction, by reason
+        for key, metric in step.stats.items():
+            if key.startswith("skipped_"):
+                reason = key.removeprefix("skipped_")
+                skipped[reason] = skipped.get(reason, 0) + int(F.metric_value(metric))
+    if skipped:
+        counts["pages_skipped"] = dict(sorted(skipped.items()))
     extractor = _step(extract_stats, Trafilatura.name)
     if extractor is not None:
         ex = F.step_counts(extractor)

@@ -55,10 +55,8 @@ def load_split(shard_dir: str | Path, split: str, verify: bool = True) -> list[n
     With `verify`, each file's sha256 is checked against the manifest first, so a flipped byte
     raises `io.ChecksumError` naming the file instead of silently training on garbage.
     """
-    import json
-
     shard_dir = Path(shard_dir)
-    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    manifest = io.read_manifest(shard_dir)
     names = sorted(name for name in manifest["files"] if name.startswith(f"{split}_") and name.endswith(".arrow"))
     arrays = []
     for name in names:

@@ -18,6 +18,7 @@ import json
 import math
 from pathlib import Path
 
+from llmpipe import io
 from llmpipe.training import checkpoint
 
 CHECKPOINTS = ("pretrain", "sft", "dpo", "ppo")  # the language models, in pipeline order
@@ -32,8 +33,7 @@ METRICS = (("val_loss", "val loss"), ("val_bpb", "val bpb"), ("task_accuracy", "
 
 
 def _manifest(stage_dir: Path) -> dict | None:
-    path = Path(stage_dir) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return io.read_manifest(stage_dir) if (Path(stage_dir) / io.MANIFEST).is_file() else None
 
 
 def stage_table(stage_dirs: dict[str, Path]) -> dict:
@@ -84,8 +84,6 @@ def plot_curves(curves: dict[str, dict], out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from llmpipe import io
 
     paths = []
     for stage, curve in curves.items():

@@ -60,8 +60,19 @@ def load_head(folder: Path) -> str:
     return _read_config(folder).get("head", "lm")
 
 
+def verified(path: Path) -> Path:
+    """A weights file checked against its stage's manifest first, when its folder has one: a
+    truncated or flipped file stops here in one line naming it (never a half-read model)."""
+    path = Path(path)
+    return io.verify_listed(path.parent, path.name) if (path.parent / io.MANIFEST).is_file() else path
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(verified(path)))
+
+
 def load_release(folder: Path, device: str | torch.device = "cpu") -> Transformer:
     """The model saved in `folder`, in eval mode, float32, on `device`."""
     model = Transformer(load_config(folder), head=load_head(folder))
-    model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)), strict=True)
+    model.load_state_dict(load_weights(Path(folder) / WEIGHTS), strict=True)
     return model.to(device).eval()

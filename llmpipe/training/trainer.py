@@ -35,7 +35,6 @@ from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 from llmpipe import io
 from llmpipe.config import SHARDED_STRATEGIES, ModelSection, TrainSection
@@ -46,7 +45,7 @@ from llmpipe.errors import BadValue, UserError
 from llmpipe.faults import fault_point
 from llmpipe.model.model import Transformer
 from llmpipe.model.release import CONFIG as RELEASE_CONFIG
-from llmpipe.model.release import WEIGHTS, write_release
+from llmpipe.model.release import WEIGHTS, load_weights, write_release
 from llmpipe.progress import progress
 from llmpipe.tracking import NullTracker, Tracker
 from llmpipe.training import checkpoint
@@ -237,9 +236,9 @@ def load_init(parts: list[nn.Module], init_from: InitFrom) -> None:
     """Upstream weights into `parts`. A score model started from a language model (the reward
     model from SFT) keeps its seeded score head: the file has none, and its LM head is unused."""
     if isinstance(init_from, dict):
-        state = {f"{prefix}.{k}": v for prefix, path in init_from.items() for k, v in load_file(str(path)).items()}
+        state = {f"{prefix}.{k}": v for prefix, path in init_from.items() for k, v in load_weights(path).items()}
     else:
-        state = load_file(str(init_from))
+        state = load_weights(init_from)
     heads = tuple(name for part in parts for name, _ in part.named_parameters() if name.endswith("score.weight"))
     load_full_model_state(parts, state, missing_ok=heads)
 
