@@ -3,6 +3,7 @@
     LLMPIPE_FAULT=shard:before_manifest               SIGKILL the shard stage before its manifest
     LLMPIPE_FAULT=pretrain:step_3@rank1:raise         rank 1 of pretrain raises at step 3
     LLMPIPE_FAULT=pretrain:step_3@rank1:raise,shard:before_manifest   several faults
+    LLMPIPE_FAULT=write:train_00001.arrow             SIGKILL a file's writer after fsync, before its rename
 
 A fault is `stage:point[@rankN][:kill|raise]`. `kill` (the default) is SIGKILL, which nothing can
 clean up after; `raise` is a `RuntimeError("injected fault at step 3")`, an ordinary crash with a
@@ -17,7 +18,7 @@ import signal
 from dataclasses import dataclass
 
 ENV = "LLMPIPE_FAULT"
-_FAULT = re.compile(r"^(?P<stage>[\w-]+):(?P<point>[\w-]+)(?:@rank(?P<rank>\d+))?(?::(?P<action>kill|raise))?$")
+_FAULT = re.compile(r"^(?P<stage>[\w-]+):(?P<point>[\w.-]+)(?:@rank(?P<rank>\d+))?(?::(?P<action>kill|raise))?$")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from llmpipe.errors import UserError
+from llmpipe.faults import fault_point
 
 _CHUNK = 1 << 20
 
@@ -66,6 +67,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp.is_file():
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+        fault_point("write", path.name)  # LLMPIPE_FAULT=write:<name>: killed with the file whole but unnamed
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:

@@ -396,6 +396,14 @@ def test_eval_reports_every_checkpoint_of_the_graph(eval_run):
     assert "| model | val loss | val bpb |" in markdown and "![sft](plots/sft.png)" in markdown
 
 
+def test_eval_killed_while_writing_its_report_reruns_to_the_same_report(eval_run, tmp_path):
+    run_dir = _copy_run(eval_run[0], tmp_path / "run", without=("eval",))
+    counts = _killed_then_resumed("eval", config_for(run_dir), "write:report.json")
+    assert counts["unigram_bpb"] == json.loads(RunDir(eval_run[0]).manifest("eval").read_text())["counts"]["unigram_bpb"]
+    for name in ("report.json", "report.md", "plots/sft.png"):
+        assert (RunDir(run_dir).eval_dir / name).read_bytes() == (RunDir(eval_run[0]).eval_dir / name).read_bytes()
+
+
 def test_eval_flags_the_planted_item_by_its_page(eval_run):
     run_dir, prompt = eval_run
     card = json.loads(RunDir(run_dir).report_json.read_text())

@@ -1,6 +1,7 @@
 """Pretraining on tiny CPU models: loader order and state, schedule, checkpoints, exact resume, guards."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from model_fixtures import MODEL, PRETRAIN, VOCAB, make_run_dir, run_config, write_shards
 from safetensors.torch import load_file
 
-from llmpipe import stages
+from llmpipe import io, stages
 from llmpipe.config import ModelSection, PretrainSection
 from llmpipe.data.loader import TokenLoader
 from llmpipe.training import checkpoint
@@ -169,10 +170,16 @@ def test_batch_tokens_must_split_into_micro_batches(tmp_path):
         run_pretrain(ModelSection(**MODEL), PretrainSection(**{**PRETRAIN, "batch_tokens": 100}), shards, tmp_path / "a", seed=7)
 
 
-def test_pretrain_stage_writes_release_weights_and_resumes_when_complete(tmp_path):
-    run_dir = make_run_dir(tmp_path / "run")
+@pytest.fixture(scope="module")
+def completed(tmp_path_factory):
+    """An uninterrupted 8-step pretraining run (checkpoints at steps 4 and 8)."""
+    run_dir = make_run_dir(tmp_path_factory.mktemp("completed") / "run")
+    return run_dir, stages.execute("pretrain", run_config(run_dir)).manifest
+
+
+def test_pretrain_stage_writes_release_weights_and_resumes_when_complete(completed):
+    run_dir, manifest = completed
     config = run_config(run_dir)
-    manifest = stages.execute("pretrain", config).manifest
     counts = manifest["counts"]
     assert counts["steps"] == 8 and counts["tokens"] == 1024
     assert counts["val_loss"] < counts["unigram_entropy"] + 1.5  # learning has started (8 steps only)
@@ -181,6 +188,29 @@ def test_pretrain_stage_writes_release_weights_and_resumes_when_complete(tmp_pat
     again = stages.execute("pretrain", config).manifest  # same key: the final checkpoint is found, nothing retrains
     assert again["counts"]["resumed_from_step"] == 8
     assert again["files"]["model.safetensors"] == manifest["files"]["model.safetensors"]
+
+
+@pytest.mark.parametrize(("fault", "resumed_from"), [
+    ("checkpoint:writing_step_8", 4),  # the DCP shards of step 8 written, not its files.json nor its rename
+    ("write:model.safetensors", 8),  # the release weights written, not renamed
+])
+def test_killed_while_a_checkpoint_or_the_weights_are_written_resumes_to_the_same_weights(completed, tmp_path, fault, resumed_from):
+    from llmpipe.distributed.launch import WorkerFailed
+
+    run_dir = make_run_dir(tmp_path / "run")
+    config = run_config(run_dir)
+    os.environ["LLMPIPE_FAULT"] = fault
+    try:
+        with pytest.raises(WorkerFailed, match="SIGKILL"):
+            stages.execute("pretrain", config)
+    finally:
+        del os.environ["LLMPIPE_FAULT"]
+    folder = run_dir / "pretrain"
+    assert not (folder / "manifest.json").exists() and not (folder / "model.safetensors").exists()
+    assert checkpoint.complete_steps(folder / "checkpoints")[-1] == resumed_from  # a partial one is never taken
+    counts = stages.execute("pretrain", config).manifest["counts"]
+    assert counts["resumed_from_step"] == resumed_from and counts["steps"] == 8
+    assert io.sha256_file(folder / "model.safetensors") == completed[1]["files"]["model.safetensors"]["sha256"]
 
 
 @pytest.mark.slow

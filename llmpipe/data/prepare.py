@@ -52,6 +52,7 @@ from datatrove.utils.hashing import HashConfig
 from llmpipe.config import PrepareSection
 from llmpipe.data import filters as F
 from llmpipe.errors import MissingInput
+from llmpipe.faults import fault_point
 
 
 def normalized_text(doc: Document) -> str:
@@ -257,6 +258,7 @@ class Runner:
             self._submit_slurm(name, pipeline, tasks, workers, logging_dir)
             return
         self.seconds[name] = time.perf_counter() - t0
+        fault_point("prepare", f"after_{name}")  # LLMPIPE_FAULT=prepare:after_exact_filter: killed between jobs
 
     def _submit_slurm(self, name, pipeline, tasks, workers, logging_dir) -> None:
         import sys

@@ -28,6 +28,7 @@ import torch
 from llmpipe import io
 from llmpipe.distributed import env
 from llmpipe.distributed.checkpoint import load_sharded, save_sharded
+from llmpipe.faults import fault_point
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 FILES = "files.json"
@@ -51,6 +52,7 @@ def save(root: Path, step: int, parts: list[torch.nn.Module], optimizers: list[t
         tmp.mkdir()
     env.barrier()
     save_sharded(tmp, parts, optimizers)
+    fault_point("checkpoint", f"writing_step_{step}")  # LLMPIPE_FAULT: killed with this rank's shards written
     if env.is_main():
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
