@@ -20,10 +20,14 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
+import threading
 from pathlib import Path
 
 PACKAGE = "llmpipe"
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding the `llmpipe` package
+# CPython 3.11's parser is not safe in threads ("AST constructor recursion depth mismatch" when two
+# stages of a flow compute their code versions at once: cpython#106905)
+_PARSING = threading.Lock()
 NOT_CODE = frozenset({"llmpipe.config", "llmpipe.stages", "llmpipe.console", "llmpipe.progress", "llmpipe.tracking"})
 
 
@@ -60,7 +64,9 @@ def _imports(module: str, path: Path, root: Path) -> tuple[set[str], set[str]]:
     """(modules imported by name, packages a name is imported from) inside llmpipe."""
     is_package = path.name == "__init__.py"
     modules, from_packages = set(), set()
-    for node in _import_nodes(ast.parse(path.read_text(), filename=str(path))):
+    with _PARSING:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    for node in _import_nodes(tree):
         if isinstance(node, ast.Import):
             modules |= {alias.name for alias in node.names}
             continue

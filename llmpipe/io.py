@@ -34,6 +34,8 @@ def sha256_file(path: str | Path) -> str:
 
 
 def verify_sha256(path: str | Path, expected: str) -> None:
+    if not Path(path).is_file():
+        raise ChecksumError(f"{path}: listed in its stage's manifest but missing{rebuild_hint(path)}")
     actual = sha256_file(path)
     if actual != expected:
         raise ChecksumError(f"checksum mismatch in {path}: expected sha256 {expected[:12]}..., got {actual[:12]}..."

@@ -11,6 +11,7 @@ exit 2; a failed stage prints one line (its traceback is in its log) and exits 1
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -70,6 +71,7 @@ def quiet_library_consoles(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # where MLflow was imported already (in-process callers)
 
 
 def run_stage(args: argparse.Namespace) -> int:

@@ -39,3 +39,15 @@ def write_corpus(folder: Path, modules=CORPUS_MODULES) -> Path:
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(autouse=True)
+def _console_streams_of_this_test():
+    """A test that runs the CLI in-process has llmpipe's console take the streams it finds (capsys's,
+    which close with the test): the next test's CLI then takes its own, whatever the test order."""
+    from llmpipe import console
+
+    before = dict(console._terminal)
+    yield
+    console._terminal.clear()
+    console._terminal.update(before)

@@ -31,6 +31,9 @@ CASES = {
                [r"^batch 16\s+\d+\s+[\d,]+\s+\d+\.\d+x", r"^generation\s+\d+\.\d+"]),
     "eval_multiple_choice.py": (["--items", "16", "--repeats", "1", "--batch-size", "8"],
                                 [r"^llmpipe\s+\d+\.\d+\s+\d", r"acc and acc_norm equal on every item: True$"]),
+    "data_memory.py": (["--work-dir", "{tmp}", "--sizes-mb", "0.5,1", "--vocab-size", "500", "--seq-len", "64",
+                        "--tokens-per-shard", "65536"],
+                       [r"^shard stage\s+1\s+[\d,]+\s", r"^loader: corpus x2 -> peak anonymous memory x\d"]),
     "chat_generation.py": (["--batches", "1,2", "--new-tokens", "8", "--warmup", "1", "--repeats", "1", "--rounds", "1"],
                            [r"^llmpipe\s+2\s+[\d,]+", r"^llmpipe/transformers batch\s+2:\s+\d+\.\d+x"]),
 }

@@ -46,7 +46,7 @@ def test_a_manifest_edited_by_hand_stops_the_stage_reading_it_and_is_rebuilt_by_
     capsys.readouterr()
 
     assert main(["shard", "--config", str(config_path), "--run-dir", str(config.run_dir)]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (MLflow may say it made the store first)
     why = "was changed after its stage wrote it" if edit == "changed" else "is not valid JSON"
     assert err == (f"llmpipe shard: {manifest} {why}{' (its content does not match its sha256)' if edit == 'changed' else ' (edited by hand, or cut short)'}"
                    "; rebuild it with `llmpipe run ... --force tokenizer`")
@@ -65,3 +65,15 @@ def test_truncated_release_weights_are_never_loaded(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(io.ChecksumError, match=r"model\.safetensors: expected sha256 .*rebuild it with `llmpipe run \.\.\. --force pretrain`$"):
         load_release(folder)
+
+
+def test_a_shard_listed_in_the_manifest_but_deleted_is_one_line_naming_the_rebuild(tmp_path):
+    from model_fixtures import write_shards
+
+    from llmpipe.data.shards import load_split
+
+    folder = write_shards(tmp_path / "runs" / "t" / "shard")
+    (folder / "train_00001.arrow").unlink()
+    with pytest.raises(io.ChecksumError, match=r"train_00001\.arrow: listed in its stage's manifest but missing; "
+                                               r"rebuild it with `llmpipe run \.\.\. --force shard`$"):
+        load_split(folder, "train")

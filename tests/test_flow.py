@@ -92,7 +92,7 @@ def test_force_reruns_a_cached_stage(run_dir, base_overrides):
 
 def test_killed_stage_reruns_alone(run_dir, base_overrides, tmp_path):
     overrides = [*base_overrides, "shard.seq_len=16"]
-    env = {**os.environ, "LLMPIPE_FAULT": "shard:before_manifest", "PREFECT_HOME": str(tmp_path / "prefect")}
+    env = {**os.environ, "LLMPIPE_FAULT": "shard:before_manifest"}  # the suite's Prefect home: its database is made
     args = [sys.executable, "-m", "llmpipe.cli", "run", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
             "--until", "shard"] + [arg for o in overrides for arg in ("--set", o)]
     log = tmp_path / "killed.log"

@@ -30,7 +30,10 @@ def _paths(value: Any) -> list[Path] | None:
     """A path or a list of paths (files, or `datasets` folders) -> a list of existing paths."""
     if value is None:
         return None
-    paths = [Path(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(v, (str, Path)) for v in items):
+        raise ValueError("expected a path or a list of paths")
+    paths = [Path(v) for v in items]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise ValueError(f"path does not exist: {', '.join(missing)}")
