@@ -387,6 +387,20 @@ def test_warc_inputs_are_copied(sites, tmp_path):
     assert len(copies) == 2 and all(len(_warc_urls(c.parent)) == 8 for c in copies[:1])
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses a socket listens on at `port`, from the kernel's table (/proc/net/tcp)."""
+    import socket
+    import struct
+
+    addresses = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            addresses.add(socket.inet_ntoa(struct.pack("<I", int(address, 16))))
+    return addresses
+
+
 def test_pydoc_server_serves_and_stops():
     from llmpipe.data.pydoc_server import exclusion_patterns, pydoc_server
 
@@ -395,6 +409,7 @@ def test_pydoc_server_serves_and_stops():
         html = urllib.request.urlopen(base, timeout=20).read().decode()
         assert "Index of Modules" in html or "Python" in html
         port = int(base.rstrip("/").rsplit(":", 1)[1])
+        assert _listening_addresses(port) == {"127.0.0.1"}  # loopback only, as every server llmpipe starts
     with pytest.raises(OSError):
         urllib.request.urlopen(base, timeout=2)
     import re
