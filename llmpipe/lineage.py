@@ -14,6 +14,7 @@ the stages' wall times and the registry's version, which no rerun repeats).
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ class RunRecord:
 
 
 def _client(uri: str):
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file otherwise
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(uri)
@@ -251,7 +253,7 @@ def compare(a: RunRecord, b: RunRecord) -> str:
     names = [n for n in stage_names() if n in a.stages or n in b.stages]
     width = max(len(n) for n in names)
     lines += ["", f"{'stage':<{width}}  {'cache key':<9}  {'outputs':<7}  metrics (A -> B)"]
-    first = None
+    first, first_output = None, None
     for name in names:
         sa, sb = a.stages.get(name), b.stages.get(name)
         if sa is None or sb is None:
@@ -261,6 +263,8 @@ def compare(a: RunRecord, b: RunRecord) -> str:
         same_outputs = not differing_files(comparable_files(name, sa.manifest), comparable_files(name, sb.manifest))
         if not same_key and first is None:
             first = name
+        if not same_outputs and first_output is None:
+            first_output = name
         shown = [f"{key} {_number(sa.metrics.get(key))} -> {_number(sb.metrics.get(key))}"
                  for key in (*STAGES[name].summary, "wall_time_s") if key in sa.metrics or key in sb.metrics]
         lines.append(f"{name:<{width}}  {'same' if same_key else 'differs':<9}  {'same' if same_outputs else 'differ':<7}  "
@@ -271,6 +275,11 @@ def compare(a: RunRecord, b: RunRecord) -> str:
     else:
         lines.append(f"first stage that differs: {first}, because of "
                      f"{why_different(first, a.stages[first], b.stages[first], config_diff)}")
+    if first_output is not None and a.stages[first_output].manifest.get("cache_key") == b.stages[first_output].manifest.get("cache_key"):
+        lines.append(f"first stage with other outputs: {first_output}, under the same cache key: its outputs depend on "
+                     "something its config, inputs and code do not cover (it is not deterministic)")
+    elif first_output is not None and first_output != first:
+        lines.append(f"first stage with other outputs: {first_output}")
     return "\n".join(lines)
 
 

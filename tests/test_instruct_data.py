@@ -176,6 +176,17 @@ def test_instruct_gives_the_same_bytes_in_another_folder(instruct_out, tmp_path)
     assert (other / "sft" / "train.jsonl").read_bytes() != (out / "sft" / "train.jsonl").read_bytes()
 
 
+def test_the_documentation_read_is_the_same_in_every_process():
+    """A default's repr names a memory address (`shutil.move(..., copy_function=<function copy2 at
+    0x7f06...>)`), other in each process: two demo runs made other SFT data (found by `llmpipe reproduce`)."""
+    from llmpipe.alignment.instruct import stdlib_records
+
+    first, second = stdlib_records(["shutil", "functools"]), stdlib_records(["shutil", "functools"])
+    move = next(r for r in first if r["name"] == "move")
+    assert "copy_function=<function copy2>" in move["signature"]
+    assert first == second and not any(" at 0x" in json.dumps(r) for r in first)
+
+
 def test_no_question_is_in_both_splits(instruct_out):
     out, manifest = instruct_out
     for kind in KINDS:
