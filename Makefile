@@ -34,6 +34,7 @@ bench: setup
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/pretrain_throughput.py
 	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/data_memory.py
 
 clean:
 	rm -rf runs .prefect .pytest_cache
