@@ -21,19 +21,20 @@ BLOCKED = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", 
            "pydoc_data", "venv", "webbrowser", "__main__", "__phello__", "__hello__", "msilib", "winreg",
            "winsound", "msvcrt", "_winapi", "nt", "xxsubtype", "pty", "tty", "readline", "crypt", "curses"}
 MAX_SUMMARY = 160
-# a default's repr may name where it lives in this process: `<function copy2 at 0x7f06e17e3740>`
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+# a default's repr may name where it lives in this process: `<function copy2 at 0x7f06e17e3740>`,
+# `<weakref at 0x7fa3fe0e41d0; to '_StderrHandler'>`
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def summary(obj) -> str:
     doc = inspect.getdoc(obj) or ""
-    first = _ADDRESS.sub(">", doc.strip().split("\n\n")[0].replace("\n", " ").strip())
+    first = _ADDRESS.sub("", doc.strip().split("\n\n")[0].replace("\n", " ").strip())
     return first if len(first) <= MAX_SUMMARY else ""
 
 
 def signature(obj) -> str:
     try:
-        return _ADDRESS.sub(">", str(inspect.signature(obj)))  # the same text in every process
+        return _ADDRESS.sub("", str(inspect.signature(obj)))  # the same text in every process
     except (TypeError, ValueError):
         return ""
 
