@@ -101,6 +101,11 @@ def worker_env(nproc: int, tracking_uri: str | None = None) -> dict[str, str]:
     if nproc == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # the thread count fixed even when other stages load the cores: MKL's default lets it use fewer
+    # threads on a busy machine, which changes how a matmul's sums are split (suspected, not yet
+    # proven, cause of a tiny-demo pretraining that differed from its rerun in the 7th digit)
+    env.setdefault("MKL_DYNAMIC", "FALSE")
+    env.setdefault("OMP_DYNAMIC", "FALSE")
     return env
 
 
