@@ -94,13 +94,14 @@ MANIFEST = "manifest.json"
 MANIFEST_SEAL = "manifest_sha256"  # sha256 of the manifest's other fields: a hand edit shows
 
 
-def _canonical_sha256(obj) -> str:
+def sha256_json(obj) -> str:
+    """sha256 of `obj`'s canonical JSON (sorted keys, no spaces): config hashes, cache keys, seals."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> None:
     """A stage's manifest, sealed with the sha256 of its content, written last and atomically."""
-    write_json(Path(folder) / MANIFEST, {**manifest, MANIFEST_SEAL: _canonical_sha256(manifest)})
+    write_json(Path(folder) / MANIFEST, {**manifest, MANIFEST_SEAL: sha256_json(manifest)})
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -115,7 +116,7 @@ def read_manifest(folder: str | Path) -> dict:
     if not isinstance(manifest, dict):
         raise ChecksumError(f"{path} is not a manifest (edited by hand?){rebuild_hint(path)}")
     seal = manifest.pop(MANIFEST_SEAL, None)
-    if seal is not None and seal != _canonical_sha256(manifest):
+    if seal is not None and seal != sha256_json(manifest):
         raise ChecksumError(f"{path} was changed after its stage wrote it (its content does not match its "
                             f"sha256){rebuild_hint(path)}")
     return manifest

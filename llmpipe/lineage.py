@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmpipe import io
 from llmpipe.config import read_yaml
 from llmpipe.data.crawl import RAW_INPUT_FOLDERS
 from llmpipe.errors import UserError
 from llmpipe.redact import redact
-from llmpipe.stages import STAGES, get_stage, stage_names
+from llmpipe.stages import STAGES, _flatten, get_stage, stage_names
 
 # the report's parts that are a function of the stage's inputs (`stages` has wall times, `registry` the store's state)
 REPORT_NUMBERS = ("checkpoints", "baselines", "funnel", "contamination")
@@ -165,15 +166,8 @@ class StageMatch:
     differing: list[str]
 
 
-def _digest(files: dict[str, str]) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
 def match_stages(record: RunRecord, run_dir: Path, uri: str) -> list[StageMatch]:
     """Each recorded stage against the same stage in `run_dir`."""
-    from llmpipe import io
     from llmpipe.paths import RunDir
 
     run, results = RunDir(run_dir), []
@@ -181,14 +175,14 @@ def match_stages(record: RunRecord, run_dir: Path, uri: str) -> list[StageMatch]
         recorded = comparable_files(name, stage.manifest)
         manifest_path = run.manifest(name)
         if not manifest_path.is_file():
-            results.append(StageMatch(name, _short(_digest(recorded)), "missing", False, ["manifest.json"]))
+            results.append(StageMatch(name, _short(io.sha256_json(recorded)), "missing", False, ["manifest.json"]))
             continue
         reproduced = comparable_files(name, io.read_manifest(manifest_path.parent))
         if name == "eval":  # the report's numbers, alongside its plots and task files
-            recorded["report numbers"] = _digest(report_numbers(_download_json(_client(uri), stage.run_id, "report/report.json")))
-            reproduced["report numbers"] = _digest(report_numbers(json.loads(run.report_json.read_text())))
+            recorded["report numbers"] = io.sha256_json(report_numbers(_download_json(_client(uri), stage.run_id, "report/report.json")))
+            reproduced["report numbers"] = io.sha256_json(report_numbers(json.loads(run.report_json.read_text())))
         differing = differing_files(recorded, reproduced)
-        results.append(StageMatch(name, _short(_digest(recorded)), _short(_digest(reproduced)), not differing, differing))
+        results.append(StageMatch(name, _short(io.sha256_json(recorded)), _short(io.sha256_json(reproduced)), not differing, differing))
     return results
 
 
@@ -205,18 +199,9 @@ def format_matches(matches: list[StageMatch]) -> str:
 # --- compare ---------------------------------------------------------------------------------------
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
-
-
 def config_differences(a: dict, b: dict) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (value in a, value in b)} of every key whose values differ (run.name aside)."""
-    flat_a, flat_b = _flatten(a), _flatten(b)
+    flat_a, flat_b = _flatten(a), _flatten(b)  # the config is a tree of sections
     missing = object()
     return {key: (flat_a.get(key), flat_b.get(key)) for key in sorted(flat_a.keys() | flat_b.keys())
             if key != "run.name" and flat_a.get(key, missing) != flat_b.get(key, missing)}

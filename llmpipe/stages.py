@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import graphlib
-import hashlib
 import heapq
 import importlib
-import json
 import os
 import platform
 import shutil
@@ -241,8 +239,7 @@ def plan_stages(config: RunConfig, until: str | list[str] | None = None, only: s
 # --- fingerprints and cache keys ---------------------------------------------------------------
 
 
-def _sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+_sha256_json = io.sha256_json
 
 
 def code_version(stage: Stage, root: Path | None = None) -> str:

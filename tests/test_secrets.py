@@ -7,9 +7,8 @@ import os
 import signal
 from pathlib import Path
 
-import httpx
 import pytest
-from test_serve import BIN, Processes, _free_port, _wait
+from test_serve import BIN, Processes, _free_port, _healthy, _wait
 
 from llmpipe.redact import redact
 
@@ -23,13 +22,6 @@ def test_redact_masks_url_passwords_and_token_query_values():
     assert redact(f"s3://bucket/a.warc.gz?X-Amz-Signature={SECRET}&part=1") == "s3://bucket/a.warc.gz?X-Amz-Signature=***&part=1"
     for clean in ("sqlite:////tmp/runs/mlflow.db", "http://user@host/page", "http://127.0.0.1:8000/a@b.html?page=2"):
         assert redact(clean) == clean
-
-
-def _health(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_a_planted_password_reaches_no_log_file_manifest_mlflow_record_or_terminal(tmp_path, capsys, monkeypatch):
@@ -58,7 +50,7 @@ def test_a_planted_password_reaches_no_log_file_manifest_mlflow_record_or_termin
         assert "crawl.seeds=[\"http://crawler:***@127.0.0.1:9/\"]" in err and "carries credentials" in err and SECRET not in err
 
         url = f"http://127.0.0.1:{port}"
-        _wait(lambda: _health(url), 120, lambda: f"mlflow server did not start:\n{processes.log('mlflow')}", alive=proc)
+        _wait(lambda: _healthy(url), 120, lambda: f"mlflow server did not start:\n{processes.log('mlflow')}", alive=proc)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://llmpipe:{SECRET}@127.0.0.1:{port}")
         assert main(args) == 0
         out, err = capsys.readouterr()
