@@ -272,3 +272,40 @@ def _number(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) and not float(value).is_integer() else f"{int(value)}"
+
+
+# --- each scheduled run against the last one and the champion ----------------------------------
+
+PREVIOUS_RUN_TAG = "llmpipe.previous_run_id"  # on a flow's parent run: the last finished run on its run directory
+
+
+def previous_run(client, experiment_id: str, run_dir: str, run_id: str) -> str | None:
+    """The last finished flow run on `run_dir` other than `run_id` (stage runs carry no run_dir tag)."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`llmpipe.run_dir` = '{run_dir}' "
+                              "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+                              max_results=10)
+    return next((run.info.run_id for run in runs if run.info.run_id != run_id), None)
+
+
+def champion_metrics(client, model_name: str, version: int) -> tuple[str | None, dict[str, float]]:
+    """The flow run whose eval registered `model_name` v`version`, and the report metrics it published."""
+    model_version = client.get_model_version(model_name, str(version))
+    if not model_version.run_id:
+        return None, {}
+    parent = client.get_run(model_version.run_id).data.tags.get("mlflow.parentRunId", model_version.run_id)
+    return parent, client.get_run(parent).data.metrics
+
+
+def metric_changes(current: dict[str, float], against: dict[str, tuple[str, dict[str, float]]]) -> str:
+    """A markdown table: every report metric of this run, and its change against each named other run."""
+    names = list(against)
+    header = "| metric | this run | " + " | ".join(f"{name} | change" for name in names) + " |"
+    lines = ["## Against earlier runs", "", *(f"- {name}: {label}" for name, (label, _) in against.items()), "",
+             header, "|" + "---|" * (2 + 2 * len(names))]
+    for metric in sorted(current):
+        cells = [metric, _number(current[metric])]
+        for _, other in against.values():
+            before = other.get(metric)
+            cells += [_number(before), "-" if before is None else f"{current[metric] - before:+.4g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -2,7 +2,8 @@
 
     runs/<name>/
       config.yaml                 resolved config of the last run
-      crawl/warc/*.warc.gz        crawl: WARC request/response records
+      crawl/warc/*.warc.gz        crawl: WARC request/response records (revisit records for a refresh's unchanged pages)
+      crawl/pages.jsonl           crawl: the pages it has now (URL, payload digest, record): its fingerprint
       prepare/documents/*.jsonl.gz  prepare: extracted, filtered, deduplicated documents
       tokenizer/tokenizer.json    tokenizer: BPE + tokenizer_config.json (chat template)
       shard/{train,val}_NNNNN.arrow  shard: token ids, Arrow IPC stream
@@ -50,6 +51,10 @@ class RunDir:
     @property
     def warc_dir(self) -> Path:
         return self.stage("crawl") / "warc"
+
+    @property
+    def crawl_pages(self) -> Path:
+        return self.stage("crawl") / "pages.jsonl"
 
     @property
     def wet_dir(self) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import graphlib
 import heapq
 import importlib
@@ -81,6 +82,11 @@ class Stage:
     fingerprint_python: bool = False  # its outputs depend on the Python version (what it reads of the stdlib)
     own_process: bool = False  # computes with torch: runs in a worker process, one such stage at a time
     summary: tuple[str, ...] = ()  # the counts the console shows when it ends
+    # "module:function(section, stage_dir) -> int | None": a refresh generation in the cache key, so a run with the
+    # same config can run the stage again (a recrawl); its folder is kept for it. None: the key is the config's
+    refresh: str | None = None
+    fingerprint_files: tuple[str, ...] = ()  # glob patterns of the outputs that are its fingerprint; empty: all
+    kept_on_refresh: bool = False  # with crawl.refresh, new inputs keep its outputs (unless <section>.retrain_on_refresh)
 
     def enabled(self, config: RunConfig) -> bool:
         return not self.methods or any(method in config.align.methods for method in self.methods)
@@ -109,20 +115,39 @@ class Stage:
         return paths
 
     def function(self) -> Callable[..., dict]:
-        module, _, attr = self.target.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return _import(self.target)
+
+    def refresh_token(self, config: RunConfig) -> int | None:
+        if self.refresh is None:
+            return None
+        return _import(self.refresh)(config.section(self.sections[0]), RunDir(config.run_dir).stage(self.name))
+
+    def fingerprint(self, files: dict[str, dict]) -> str:
+        """sha256 over the sha256 of its outputs (those `fingerprint_files` name): what later stages' keys see."""
+        chosen = [rel for rel in files if not self.fingerprint_files
+                  or any(fnmatch.fnmatch(rel, pattern) for pattern in self.fingerprint_files)]
+        return _sha256_json({rel: files[rel]["sha256"] for rel in chosen})
+
+
+def _import(target: str) -> Callable:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in [
+        # its fingerprint is what it found (pages.jsonl: URL, payload digest, record; WET files), not the WARCs'
+        # bytes, which carry dates and record ids: a recrawl of an unchanged site leaves every later stage cached
         Stage("crawl", "llmpipe.data.crawl:crawl_stage", ("crawl",), resumable=True,
-              code=("llmpipe.data._crawl_scrapy",), summary=("pages_fetched", "html_bytes")),
+              code=("llmpipe.data._crawl_scrapy",), summary=("pages_fetched", "html_bytes"),
+              refresh="llmpipe.data.crawl:refresh_generation", fingerprint_files=("pages.jsonl", "wet/*")),
         Stage("prepare", "llmpipe.data.prepare:prepare_stage", ("prepare",),
-              inputs={"warc": Input("crawl", "warc_dir"), "wet": Input("crawl", "wet_dir")}, resumable=True,
+              inputs={"warc": Input("crawl", "warc_dir"), "wet": Input("crawl", "wet_dir"),
+                      "pages": Input("crawl", "crawl_pages")}, resumable=True,
               summary=("pages_in", "documents", "text_bytes")),
         Stage("tokenizer", "llmpipe.tokenizer.train:tokenizer_stage", ("tokenizer",),
-              inputs={"documents": Input("prepare", "documents_dir", field="tokenizer.input")},
+              inputs={"documents": Input("prepare", "documents_dir", field="tokenizer.input")}, kept_on_refresh=True,
               summary=("documents", "vocab_size")),
         Stage("shard", "llmpipe.data.shard:shard_stage", ("shard",),
               inputs={"tokenizer": Input("tokenizer", "tokenizer_dir"),
@@ -280,6 +305,9 @@ def input_fingerprints(stage: Stage, config: RunConfig, external: dict[str, str]
     (taken from `external` when the flow hashed it already)."""
     run_dir, external = RunDir(config.run_dir), external or {}
     stage.input_paths(config)  # a required config path that is not set fails here, naming the key
+    kept = _kept_on_refresh(stage, config)
+    if kept is not None:
+        return kept
     prints = {}
     for name, spec in stage.active_inputs(config).items():
         given = spec.external(config)
@@ -291,13 +319,36 @@ def input_fingerprints(stage: Stage, config: RunConfig, external: dict[str, str]
     return prints
 
 
+def _kept_on_refresh(stage: Stage, config: RunConfig) -> dict[str, str] | None:
+    """The inputs a kept stage's manifest recorded: a refreshing run keeps the tokenizer it has while the
+    tokenizer's config and code are the same, whatever the new corpus is."""
+    if not stage.kept_on_refresh or config.crawl.refresh == "never":
+        return None
+    if getattr(config.section(stage.sections[0]), "retrain_on_refresh", False):
+        return None
+    path = RunDir(config.run_dir).manifest(stage.name)
+    try:
+        manifest = io.read_manifest(path.parent) if path.is_file() else None
+    except io.ChecksumError:
+        return None
+    if manifest is None or manifest["config_hash"] != config_hash(stage, config) or \
+            manifest["code_version"] != code_version(stage) or set(manifest["inputs"]) != set(stage.active_inputs(config)):
+        return None
+    return manifest["inputs"]
+
+
 def cache_key(stage: Stage, config: RunConfig, inputs: dict[str, str] | None = None, code: str | None = None,
-              external: dict[str, str] | None = None) -> str:
-    """What decides whether a stage's outputs are current: its config, its inputs and its code.
-    `inputs` are computed when not given (`external`: as for `input_fingerprints`)."""
+              external: dict[str, str] | None = None, refresh: bool = True) -> str:
+    """What decides whether a stage's outputs are current: its config, its inputs, its code and, for a
+    stage that refreshes, the generation it is at (`refresh=False`: the key without it, under which
+    its folder is kept). `inputs` are computed when not given (`external`: as for `input_fingerprints`)."""
     inputs = input_fingerprints(stage, config, external) if inputs is None else inputs
-    return _sha256_json({"stage": stage.name, "config": config_hash(stage, config),
-                         "inputs": inputs, "code": code or code_version(stage)})
+    hashed = {"stage": stage.name, "config": config_hash(stage, config), "inputs": inputs,
+              "code": code or code_version(stage)}
+    generation = stage.refresh_token(config) if refresh else None
+    if generation is not None:
+        hashed["refresh"] = generation
+    return _sha256_json(hashed)
 
 
 def is_current(name: str, config: RunConfig, key: str) -> bool:
@@ -466,7 +517,7 @@ def _execute(stage: Stage, config: RunConfig, run_dir: RunDir, tracker: Tracker,
     key = cache_key(stage, config, inputs, code)
     paths = stage.input_paths(config)
     out_dir = run_dir.stage(name)
-    _prepare_out_dir(stage, out_dir, key)
+    _prepare_out_dir(stage, out_dir, cache_key(stage, config, inputs, code, refresh=False))
     run_dir.root.mkdir(parents=True, exist_ok=True)
     io.write_text(run_dir.config_file, dump(config))
 
@@ -499,7 +550,7 @@ def _execute(stage: Stage, config: RunConfig, run_dir: RunDir, tracker: Tracker,
         "cache_key": key,
         "packages": _package_versions(),
         "files": files,
-        "fingerprint": _sha256_json({k: v["sha256"] for k, v in files.items()}),
+        "fingerprint": stage.fingerprint(files),
         "counts": metrics,
         "details": details,
     }

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Iterator
 
-from llmpipe import tracking
+from llmpipe import lineage, tracking
 from llmpipe.config import RunConfig
 from llmpipe.errors import UserError
 from llmpipe.paths import RunDir
@@ -24,6 +24,9 @@ def pipeline_run(config: RunConfig, flow_run_id: str) -> Iterator[dict]:
                                     tags={"llmpipe.run": config.run.name, "prefect.flow_run_id": flow_run_id,
                                           "llmpipe.run_dir": str(config.run_dir.resolve())})
     parent.log_params({"run.name": config.run.name, "run.seed": config.run.seed})
+    previous = lineage.previous_run(parent.client, experiment_id, str(config.run_dir.resolve()), parent.run_id)
+    if previous:  # a scheduled run links to the one before it; its report compares them
+        parent.set_tags({lineage.PREVIOUS_RUN_TAG: previous})
     status = "FAILED"
     try:
         # what every stage task gets (as a Prefect parameter): no URI, which may carry a password
@@ -69,4 +72,18 @@ def publish_report(config: RunConfig, tracking: dict) -> str:
     registry = card.get("registry") or {}
     if registry.get("registered"):
         client.set_tag(run_id, "llmpipe.champion", f"{registry['model_name']} v{registry['champion_version']}")
-    return run_dir.report_md.read_text()
+    against = {}
+    previous = client.get_run(run_id).data.tags.get(lineage.PREVIOUS_RUN_TAG)
+    if previous:
+        against["previous run"] = (previous, client.get_run(previous).data.metrics)
+    if registry.get("champion_version"):
+        champion_run, champion = lineage.champion_metrics(client, registry["model_name"], registry["champion_version"])
+        if champion_run and champion_run != run_id:
+            against["champion"] = (f"{registry['model_name']} v{registry['champion_version']} (run {champion_run})",
+                                   champion)
+    markdown = run_dir.report_md.read_text()
+    if against:  # the run's own comparison: on MLflow and in Prefect, not in the report file (same inputs, same bytes)
+        changes = lineage.metric_changes(metrics, against)
+        client.log_text(run_id, changes, "report/changes.md")
+        markdown += "\n" + changes
+    return markdown

@@ -456,6 +456,14 @@ def test_eval_in_the_flow_publishes_the_report_and_crowns_a_champion_that_genera
     again = pipeline(config_path=str(config_path), run_dir=str(run_dir), only="eval")
     assert again["stages"] == {"eval": "cached"}
     assert [v.version for v in client.search_model_versions("name='llmpipe-t'")] == [1]
+    # the second run links to the first and compares every report metric with it and with the champion (its model)
+    second = client.get_run(again["mlflow_run_id"])
+    assert second.data.tags["llmpipe.previous_run_id"] == summary["mlflow_run_id"]
+    changes = client.download_artifacts(second.info.run_id, "report/changes.md", str(tmp_path))
+    rows = {line.split(" | ")[0].strip("| "): line for line in open(changes).read().splitlines() if line.startswith("| ")}
+    assert set(rows) - {"metric"} == set(parent.data.metrics)
+    value = f"{card['checkpoints']['sft']['val_bpb']:.4g}"
+    assert rows["sft.val_bpb"] == f"| sft.val_bpb | {value} | {value} | +0 | {value} | +0 |"
 
 
 def test_llmpipe_eval_reruns_the_stage_alone_with_a_task_folder_of_ones_own(eval_run, tmp_path, capsys):

@@ -274,9 +274,10 @@ def _site_pages() -> list[tuple[str, bytes]]:
 
 
 def _ctx(run_dir: RunDir) -> SimpleNamespace:
-    """What the executor gives prepare: its folder and its inputs, the crawl stage's WARC and WET folders."""
+    """What the executor gives prepare: its folder and its inputs, the crawl stage's WARC and WET folders and
+    its pages.jsonl (absent here: every record is read)."""
     return SimpleNamespace(run_dir=run_dir, out_dir=run_dir.stage("prepare"), seed=0,
-                           inputs={"warc": run_dir.warc_dir, "wet": run_dir.wet_dir})
+                           inputs={"warc": run_dir.warc_dir, "wet": run_dir.wet_dir, "pages": run_dir.crawl_pages})
 
 
 @pytest.mark.parametrize("output_format", ["jsonl", "parquet"])

@@ -158,3 +158,14 @@ def test_the_candidate_is_the_best_chat_model_and_the_earlier_one_on_a_tie():
     checkpoints["ppo"]["task_accuracy"] = float("nan")
     assert champion_candidate(checkpoints, "task_accuracy") == "sft"
     assert champion_candidate({"pretrain": {"task_accuracy": 0.9}}, "task_accuracy") is None
+
+
+def test_metric_changes_name_each_metric_and_its_change_against_each_run():
+    from llmpipe.lineage import metric_changes
+
+    table = metric_changes({"sft.val_bpb": 1.5, "ppo.task_accuracy": 0.25},
+                           {"previous run": ("r1", {"sft.val_bpb": 1.75}), "champion": ("m v2", {"sft.val_bpb": 1.25,
+                                                                                            "ppo.task_accuracy": 0.5})})
+    assert "| ppo.task_accuracy | 0.25 | - | - | 0.5 | -0.25 |" in table
+    assert "| sft.val_bpb | 1.5 | 1.75 | -0.25 | 1.25 | +0.25 |" in table
+    assert "- previous run: r1" in table and "- champion: m v2" in table

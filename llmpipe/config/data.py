@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
@@ -38,6 +38,12 @@ class CrawlSection(Section):
         "test", "idlelib", "turtledemo", "antigravity", "this", "tkinter", "turtle", "lib2to3", "ensurepip",
         "pydoc_data", "__phello__", "__hello__"]
     pydoc_site_packages: bool = False  # pydoc demo: also document site-packages (default: stdlib only, `python -S`)
+    # never: a run with the same config reuses the crawl; always: it recrawls (conditional requests, WARC revisit
+    # records for unchanged pages), and the stages after it rerun only when a page changed, appeared or went away
+    refresh: Literal["never", "always"] = "never"
+    refresh_min_age_s: float = Field(0.0, ge=0)  # with refresh: always, a crawl younger than this is reused
+
+    execution_fields: ClassVar[frozenset[str]] = frozenset({"refresh", "refresh_min_age_s"})  # when, not what
 
     @field_validator("seeds")
     @classmethod
@@ -187,6 +193,10 @@ class TokenizerSection(Section):
     min_frequency: int = Field(2, ge=1)  # a merge needs at least this many occurrences
     input: Path | None = None  # folder of JSONL/Parquet/text documents; default: the prepare stage's output
     max_chars: int = Field(200_000_000, ge=1)  # training text budget; the rest of the corpus is not read
+    # with crawl.refresh: a new corpus keeps the tokenizer it has (a new one invalidates every model); true: retrain
+    retrain_on_refresh: bool = False
+
+    execution_fields: ClassVar[frozenset[str]] = frozenset({"retrain_on_refresh"})
 
     _check_input = field_validator("input")(_existing_path)
 

@@ -47,11 +47,13 @@ from twisted.internet.defer import Deferred
 
 from llmpipe.data.crawl import (
     DEPTH_HEADER,
+    GENERATION_FIELD,
     HTML_TYPES,
     PART_PATTERN,
     REDIRECTS_HEADER,
     CrawlJob,
     TrapGuard,
+    WarcPage,
     host_allowed,
     iter_warc_pages,
     normalize_url,
@@ -62,6 +64,7 @@ from llmpipe.progress import progress
 
 # reasons that are not recorded in skipped.jsonl: the URL may be fetched by a later session
 _TRANSIENT = {"budget", "already_fetched"}
+REVISIT_NOT_MODIFIED = "http://netpreserve.org/warc/1.1/revisit/server-not-modified"
 
 
 class Skip(IgnoreRequest):
@@ -82,7 +85,8 @@ class CrawlState:
         self.job = job
         self.state_dir = Path(job.state_dir)
         self.warc_dir = Path(job.warc_dir)
-        self.fetched: set[str] = set()  # normalised URLs with a response record in the WARCs
+        self.fetched: set[str] = set()  # normalised URLs with a record of this generation in the WARCs
+        self.known: dict[str, WarcPage] = {}  # a refresh: each URL's latest page of earlier generations
         self.skipped: dict[str, str] = {}  # URL -> reason, this session and earlier ones
         self.seen: set[str] = set()  # fetched, skipped, or already scheduled in this session
         self.reserved: set[str] = set()  # root URLs of requests in flight (one page each)
@@ -93,6 +97,7 @@ class CrawlState:
         self.excludes = [re.compile(p) for p in job.exclude_url_patterns]
         self.counts: Counter = Counter()  # skip reasons of this session
         self.pages_written = 0
+        self.pages_unchanged = 0  # a refresh: pages recorded as revisits (no payload stored again)
         self.frontier: list[tuple[int, str]] = []  # (depth, url) to schedule at start
         self.links = LinkExtractor()  # default deny_extensions: images, archives, binaries ...
         self._skip_log = None
@@ -113,9 +118,15 @@ class CrawlState:
                     entry = json.loads(line)
                 except json.JSONDecodeError:  # a kill mid-line
                     continue
-                self.skipped[entry["url"]] = entry["reason"]
+                if entry.get("generation", 0) == self.job.generation:  # a refresh retries what failed before
+                    self.skipped[entry["url"]] = entry["reason"]
         best: dict[str, int] = {}
-        pages = list(iter_warc_pages(self.warc_dir))
+        pages = []
+        for page in iter_warc_pages(self.warc_dir):
+            if page.generation == self.job.generation:
+                pages.append(page)
+            elif page.generation < self.job.generation:
+                self.known[normalize_url(page.url)] = page
         for page in pages:
             self.fetched.add(normalize_url(page.url))
             self.seen.update(normalize_url(u) for u in page.redirected_from)
@@ -156,7 +167,7 @@ class CrawlState:
         self.skipped[url] = reason
         if self._skip_log is None:
             self._skip_log = open(self.state_dir / "skipped.jsonl", "a")
-        self._skip_log.write(json.dumps({"url": url, "reason": reason}) + "\n")
+        self._skip_log.write(json.dumps({"url": url, "reason": reason, "generation": self.job.generation}) + "\n")
         self._skip_log.flush()
 
     def close(self) -> None:
@@ -170,10 +181,11 @@ class CrawlState:
 class WarcOutput:
     """One gzipped WARC file per crawl session, each record its own gzip member, flushed per page."""
 
-    def __init__(self, warc_dir: Path, user_agent: str):
+    def __init__(self, warc_dir: Path, user_agent: str, generation: int = 0):
         indices = [int(PART_PATTERN.match(p.name).group(1)) for p in warc_parts(warc_dir)]
         self.path = warc_dir / f"part-{max(indices, default=-1) + 1:05d}.warc.gz"
         self.user_agent = user_agent
+        self.generation = generation
         self._file = None
         self._writer = None
 
@@ -184,11 +196,13 @@ class WarcOutput:
         self._writer = WARCWriter(self._file, gzip=True)
         info = self._writer.create_warcinfo_record(self.path.name, {
             "software": "llmpipe crawler (Scrapy)", "format": "WARC File Format 1.1",
-            "http-header-user-agent": self.user_agent})
+            "http-header-user-agent": self.user_agent, GENERATION_FIELD: str(self.generation)})
         self._writer.write_record(info)
         self._file.flush()
 
-    def write_page(self, response: HtmlResponse, depth: int, redirected_from: list[str]) -> None:
+    def write_page(self, response, depth: int, redirected_from: list[str], revisit_of: WarcPage | None = None) -> None:
+        """A response record, or with `revisit_of` a revisit record: the response's headers and a reference
+        to the earlier record whose payload it has (`server-not-modified` for a 304)."""
         from warcio.statusandheaders import StatusAndHeaders
 
         if self._writer is None:
@@ -196,15 +210,24 @@ class WarcOutput:
         status = f"{response.status} {http.client.responses.get(response.status, '')}".strip()
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, values in response.headers.items()
                    for v in values if k.lower() not in (b"content-encoding", b"transfer-encoding", b"content-length")]
-        headers.append(("Content-Length", str(len(response.body))))  # the body is stored decoded
+        if revisit_of is None:
+            headers.append(("Content-Length", str(len(response.body))))  # the body is stored decoded
         protocol = getattr(response, "protocol", None) or "HTTP/1.1"
         warc_headers = {DEPTH_HEADER: str(depth)}
         if redirected_from:
             warc_headers[REDIRECTS_HEADER] = " ".join(redirected_from)
-        record = self._writer.create_warc_record(
-            response.url, "response", payload=BytesIO(response.body),
-            http_headers=StatusAndHeaders(status, headers, protocol=protocol), warc_headers_dict=warc_headers)
-        record.rec_headers.add_header("WARC-Identified-Payload-Type", "text/html")
+        http_headers = StatusAndHeaders(status, headers, protocol=protocol)
+        if revisit_of is None:
+            record = self._writer.create_warc_record(response.url, "response", payload=BytesIO(response.body),
+                                                     http_headers=http_headers, warc_headers_dict=warc_headers)
+            record.rec_headers.add_header("WARC-Identified-Payload-Type", "text/html")
+        else:
+            warc_headers["WARC-Refers-To"] = revisit_of.source_id
+            record = self._writer.create_revisit_record(response.url, revisit_of.digest, revisit_of.url, "",
+                                                        http_headers=http_headers, warc_headers_dict=warc_headers)
+            record.rec_headers.remove_header("WARC-Refers-To-Date")  # the earlier record's id says which one
+            if response.status == 304:
+                record.rec_headers.replace_header("WARC-Profile", REVISIT_NOT_MODIFIED)
 
         parts = urlsplit(response.url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
@@ -281,7 +304,7 @@ class PageSpider(scrapy.Spider):
         super().__init__(**kwargs)
         self.state = state
         self.max_in_flight = max_in_flight
-        self.warc = WarcOutput(state.warc_dir, state.job.user_agent)
+        self.warc = WarcOutput(state.warc_dir, state.job.user_agent, state.job.generation)
         self.started = time.time()
         self.bar = progress(state.job.max_pages, "crawl", unit="page", initial=len(state.fetched))
 
@@ -325,8 +348,15 @@ class PageSpider(scrapy.Spider):
             self.crawler.engine.crawl(request)
 
     def _request(self, url: str, depth: int) -> scrapy.Request:
-        return scrapy.Request(url, callback=self.parse, errback=self.on_error, priority=-depth,
-                              meta={"crawl_depth": depth, "root_url": url})
+        """A refresh asks for a page it has with its validators: an unchanged page costs a 304, no body."""
+        known, headers = self.state.known.get(url), {}
+        if known is not None:
+            if known.etag:
+                headers["If-None-Match"] = known.etag
+            if known.last_modified:
+                headers["If-Modified-Since"] = known.last_modified
+        return scrapy.Request(url, callback=self.parse, errback=self.on_error, priority=-depth, headers=headers,
+                              meta={"crawl_depth": depth, "root_url": url, "handle_httpstatus_list": [304]})
 
     # responses ------------------------------------------------------------------------------
 
@@ -334,13 +364,21 @@ class PageSpider(scrapy.Spider):
         state, depth = self.state, response.meta["crawl_depth"]
         root = response.meta["root_url"]
         url = normalize_url(response.url)
-        if not isinstance(response, HtmlResponse):
+        known = state.known.get(url)
+        if response.status == 304 and known is not None:  # not modified: the links are those of the page we have
+            unchanged = known
+            response = HtmlResponse(url=response.url, body=known.body, headers=response.headers,
+                                    request=response.request, status=304)
+        elif not isinstance(response, HtmlResponse):
             state.reserved.discard(root)
-            state.skip(root, "not_html")
+            state.skip(root, "not_html" if response.status != 304 else "http_304")
             yield from self._next_requests()
             return
+        else:
+            unchanged = known if known is not None and known.digest == _payload_digest(response.body) else None
         redirected_from = [u for u in response.meta.get("redirect_urls", []) if normalize_url(u) != url]
-        self.warc.write_page(response, depth, redirected_from)
+        self.warc.write_page(response, depth, redirected_from, revisit_of=unchanged)
+        state.pages_unchanged += unchanged is not None
         state.reserved.discard(root)
         state.fetched.add(url)
         state.seen.add(url)
@@ -388,11 +426,21 @@ class PageSpider(scrapy.Spider):
         self.bar.close()
         self.warc.close()
         self.state.close()
-        summary = {"pages_written": self.state.pages_written, "pages_total": len(self.state.fetched),
+        summary = {"pages_written": self.state.pages_written, "pages_unchanged": self.state.pages_unchanged,
+                   "pages_total": len(self.state.fetched), "generation": self.state.job.generation,
                    "skipped": dict(self.state.counts), "close_reason": reason,
                    "elapsed_s": round(time.time() - self.started, 3), "warc_file": self.warc.path.name}
         n = len(list(self.state.state_dir.glob("session-*.json")))
         (self.state.state_dir / f"session-{n:05d}.json").write_text(json.dumps(summary, indent=2))
+
+
+def _payload_digest(body: bytes) -> str:
+    """As warcio writes WARC-Payload-Digest: sha1, base32."""
+    from warcio.utils import Digester
+
+    digester = Digester("sha1")
+    digester.update(body)
+    return str(digester)
 
 
 def _classify(failure) -> str:
@@ -470,7 +518,8 @@ def main(argv: list[str]) -> int:
     if len(_STATE.fetched) >= job.max_pages or not _STATE.frontier:
         n = len(list(_STATE.state_dir.glob("session-*.json")))
         (_STATE.state_dir / f"session-{n:05d}.json").write_text(json.dumps(
-            {"pages_written": 0, "pages_total": len(_STATE.fetched), "skipped": {}, "close_reason": "nothing_to_do"}))
+            {"pages_written": 0, "pages_total": len(_STATE.fetched), "skipped": {}, "close_reason": "nothing_to_do",
+             "generation": job.generation}))
         return 0
     settings = settings_for(job)
     process = CrawlerProcess(settings)

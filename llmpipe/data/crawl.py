@@ -43,6 +43,8 @@ from llmpipe.supervise import supervised
 DEPTH_HEADER = "LLMPipe-Crawl-Depth"  # WARC extension header on response records: link hops from a seed
 REDIRECTS_HEADER = "LLMPipe-Redirected-From"  # space-separated URLs that redirected to this page
 PART_PATTERN = re.compile(r"^part-(\d{5})\.warc\.gz$")
+GENERATION_FIELD = "llmpipe-refresh-generation"  # warcinfo field: which crawl (0) or refresh (1, 2...) wrote a part
+PAGES_FILE = "pages.jsonl"  # the crawl's output that says what it has: URL, payload digest, record
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 
@@ -127,11 +129,21 @@ class TrapGuard:
 
 @dataclass(frozen=True)
 class WarcPage:
+    """A page of the WARCs: a response record, or a revisit record with the payload of the record it refers to."""
+
     url: str
     depth: int
     redirected_from: tuple[str, ...]
     content_type: str
     body: bytes
+    record_id: str = ""
+    source_id: str = ""  # the response record holding the payload: this one, or the one a revisit refers to
+    source_file: str = ""  # that record's WARC file, inside the WARC folder
+    digest: str = ""  # WARC-Payload-Digest (sha1, base32), as every WARC tool writes it
+    generation: int = 0  # the crawl (0) or refresh (1, 2, ...) that visited the page
+    etag: str = ""  # validators of the response, for the next refresh's conditional request
+    last_modified: str = ""
+    revisit: bool = False
 
 
 def warc_parts(warc_dir: Path, given: bool = False) -> list[Path]:
@@ -182,35 +194,119 @@ def repair_warc(path: Path) -> int:
     return size - good_end
 
 
-def iter_warc_pages(warc_dir: Path, given: bool = False) -> Iterator[WarcPage]:
-    """The response records of every part file (or given WARC file), in crawl order."""
+def part_generation(path: Path) -> int:
+    """The refresh generation a WARC file's warcinfo record names (0: a first crawl, or a WARC of another tool)."""
     from warcio.archiveiterator import ArchiveIterator
 
+    with open(path, "rb") as f:
+        for record in ArchiveIterator(f):
+            if record.rec_type == "warcinfo":
+                for line in record.content_stream().read().decode("utf-8", "replace").splitlines():
+                    key, _, value = line.partition(":")
+                    if key.strip() == GENERATION_FIELD and value.strip().isdigit():
+                        return int(value.strip())
+            return 0
+    return 0
+
+
+def iter_warc_pages(warc_dir: Path, given: bool = False) -> Iterator[WarcPage]:
+    """The pages of every part file (or given WARC file), in crawl order: response records, and revisit
+    records with the payload of the response they refer to."""
+    from warcio.archiveiterator import ArchiveIterator
+    from warcio.utils import Digester
+
+    payloads: dict[str, tuple[bytes, str, str, str]] = {}  # record id -> (body, content type, file, digest)
     for path in warc_parts(warc_dir, given):
+        generation = part_generation(path)
         with open(path, "rb") as f:
             for record in ArchiveIterator(f):
-                if record.rec_type != "response":
+                if record.rec_type not in ("response", "revisit"):
                     continue
-                headers = record.rec_headers
-                http = record.http_headers
+                headers, http = record.rec_headers, record.http_headers
+                record_id = headers.get_header("WARC-Record-ID")
+                if record.rec_type == "response":
+                    body = record.content_stream().read()
+                    digest = headers.get_header("WARC-Payload-Digest")
+                    if not digest:
+                        digester = Digester("sha1")
+                        digester.update(body)
+                        digest = str(digester)
+                    content_type = (http.get_header("Content-Type") or "") if http else ""
+                    payloads[record_id] = (body, content_type, path.name, digest)
+                    source_id = record_id
+                else:
+                    source_id = headers.get_header("WARC-Refers-To")
+                    if source_id not in payloads:
+                        continue  # refers to a record of another archive
+                body, content_type, source_file, digest = payloads[source_id]
                 yield WarcPage(
                     url=headers.get_header("WARC-Target-URI"),
                     depth=int(headers.get_header(DEPTH_HEADER) or 0),
                     redirected_from=tuple((headers.get_header(REDIRECTS_HEADER) or "").split()),
-                    content_type=(http.get_header("Content-Type") or "") if http else "",
-                    body=record.content_stream().read(),
-                )
+                    content_type=content_type, body=body, record_id=record_id, source_id=source_id,
+                    source_file=source_file, digest=digest, generation=generation,
+                    etag=(http.get_header("ETag") or "") if http else "",
+                    last_modified=(http.get_header("Last-Modified") or "") if http else "",
+                    revisit=record.rec_type == "revisit")
+
+
+def crawl_view(warc_dir: Path, given: bool = False, generation: int | None = None) -> list[dict]:
+    """The pages the crawl has now: those its last generation (or `generation`) visited, each naming
+    the response record that holds its payload, sorted by URL. A page a refresh did not find again
+    is not in it; an unchanged page names the record of the crawl that first stored it."""
+    pages = list(iter_warc_pages(warc_dir, given))
+    if generation is None:
+        generation = max((page.generation for page in pages), default=0)
+    view = [{"url": page.url, "digest": page.digest, "warc": page.source_file, "record": page.source_id}
+            for page in pages if page.generation == generation]
+    return sorted(view, key=lambda entry: (entry["url"], entry["record"]))
+
+
+def view_changes(before: list[dict], after: list[dict]) -> dict[str, int]:
+    """Pages new, changed, unchanged and removed from one view of the crawl to the next."""
+    old = {entry["url"]: entry["digest"] for entry in before}
+    new = {entry["url"]: entry["digest"] for entry in after}
+    return {"new": sum(url not in old for url in new),
+            "changed": sum(url in old and old[url] != digest for url, digest in new.items()),
+            "unchanged": sum(old.get(url) == digest for url, digest in new.items()),
+            "removed": sum(url not in new for url in old)}
+
+
+def read_view(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
 def warc_summary(warc_dir: Path, given: bool = False) -> dict:
-    pages, urls, html_bytes = 0, set(), 0
-    for page in iter_warc_pages(warc_dir, given):
-        pages += 1
-        urls.add(normalize_url(page.url))
-        html_bytes += len(page.body)
     files = warc_parts(warc_dir, given)
-    return {"pages": pages, "unique_urls": len(urls), "html_bytes": html_bytes,
+    view = crawl_view(warc_dir, given)
+    pages = [page for page in iter_warc_pages(warc_dir, given) if not page.revisit]
+    return {"pages": len(view), "unique_urls": len({normalize_url(entry["url"]) for entry in view}),
+            "html_bytes": sum(len(page.body) for page in pages), "payload_records": len(pages),
             "warc_files": len(files), "warc_bytes": sum(p.stat().st_size for p in files)}
+
+
+# --- refreshing --------------------------------------------------------------------------------
+
+
+def refresh_generation(cfg: CrawlSection, stage_dir: Path) -> int | None:
+    """The generation a run with this config crawls: None without `crawl.refresh` (the cache key is the
+    config's); else the last finished one while it is younger than `refresh_min_age_s`, the next one
+    once it is older, and an interrupted refresh's until it finishes. Part of the crawl's cache key."""
+    if cfg.refresh == "never" or cfg.warc_inputs:
+        return None
+    stage_dir = Path(stage_dir)
+    state = stage_dir / ".state" / "refresh.json"
+    if state.is_file():
+        finished = json.loads(state.read_text())
+        last, finished_at = finished["generation"], finished["finished_at"]
+    elif (stage_dir / "manifest.json").is_file():  # crawled before refresh was turned on
+        last, finished_at = 0, (stage_dir / "manifest.json").stat().st_mtime
+    else:
+        return 0
+    started = [part_generation(path) for path in warc_parts(stage_dir / "warc")]
+    if max(started, default=0) > last or time.time() - finished_at >= cfg.refresh_min_age_s:
+        return last + 1
+    return last
 
 
 # --- running a crawl ---------------------------------------------------------------------------
@@ -240,10 +336,11 @@ class CrawlJob:
     max_path_segments: int = 12
     max_segment_repeats: int = 2
     max_query_variants: int = 100
+    generation: int = 0  # 0: a crawl; N > 0: refresh N, which revisits with conditional requests
 
     @classmethod
     def from_section(cls, cfg: CrawlSection, seeds: list[str], warc_dir: Path, state_dir: Path,
-                     extra_excludes: list[str] = ()) -> "CrawlJob":
+                     extra_excludes: list[str] = (), generation: int = 0) -> "CrawlJob":
         seeds = [normalize_url(s) for s in seeds]
         return cls(
             seeds=seeds, allowed_hosts=list(cfg.allowed_hosts) or sorted({netloc(s) for s in seeds}),
@@ -253,7 +350,8 @@ class CrawlJob:
             retries=cfg.retries, max_body_bytes=cfg.max_body_bytes, obey_robots=cfg.obey_robots,
             user_agent=cfg.user_agent, exclude_url_patterns=[*cfg.exclude_url_patterns, *extra_excludes],
             max_url_length=cfg.max_url_length, max_path_segments=cfg.max_path_segments,
-            max_segment_repeats=cfg.max_segment_repeats, max_query_variants=cfg.max_query_variants)
+            max_segment_repeats=cfg.max_segment_repeats, max_query_variants=cfg.max_query_variants,
+            generation=generation)
 
     def write(self) -> Path:
         path = Path(self.state_dir) / "job.json"
@@ -348,26 +446,30 @@ def crawl_stage(ctx, cfg: CrawlSection) -> dict:
     warc_dir = ctx.run_dir.warc_dir
     if cfg.warc_inputs:
         counts = ingest_warc_inputs(list(cfg.warc_inputs), out_dir)
-        _log_raw_inputs(ctx, out_dir)
         summary = warc_summary(warc_dir, given=True)  # the counts a crawl that wrote these WARCs has
+        _write_view(out_dir, crawl_view(warc_dir, given=True))
+        _log_raw_inputs(ctx, out_dir)
         return {**counts, "pages_fetched": summary["pages"], "unique_urls": summary["unique_urls"],
                 "html_bytes": summary["html_bytes"], "source": "warc_inputs", "inputs": list(cfg.warc_inputs)}
 
+    generation = refresh_generation(cfg, out_dir) or 0
     t0 = time.perf_counter()
     if cfg.seeds:
-        job = CrawlJob.from_section(cfg, list(cfg.seeds), warc_dir, state_dir)
+        job = CrawlJob.from_section(cfg, list(cfg.seeds), warc_dir, state_dir, generation=generation)
         session = run_crawl(job)
         source = "seeds"
     else:
-        session, job = _crawl_pydoc(cfg, warc_dir, state_dir)
+        session, job = _crawl_pydoc(cfg, warc_dir, state_dir, generation)
         source = "pydoc"
     wall = time.perf_counter() - t0
+    view = crawl_view(warc_dir, generation=job.generation)
+    if not view:
+        raise CrawlFetchedNothing(_why_nothing(job, _skipped_all_sessions(state_dir, job.generation)))
+    _write_view(out_dir, view)
     summary = warc_summary(warc_dir)
-    if summary["pages"] == 0:
-        raise CrawlFetchedNothing(_why_nothing(job, _skipped_all_sessions(state_dir)))
     fetched = session.get("pages_written", 0)
     _log_raw_inputs(ctx, out_dir)
-    return {
+    counts = {
         "pages_fetched": summary["pages"],
         "pages_this_session": fetched,
         "unique_urls": summary["unique_urls"],
@@ -375,11 +477,21 @@ def crawl_stage(ctx, cfg: CrawlSection) -> dict:
         "warc_bytes": summary["warc_bytes"],
         "warc_files": summary["warc_files"],
         "timing": {"pages_per_s": round(fetched / wall, 3) if wall > 0 else 0.0},  # this run's: MLflow only
-        "skipped": _skipped_all_sessions(state_dir),
+        "skipped": _skipped_all_sessions(state_dir, job.generation),
         "source": source,
         "seeds": job.seeds,
         "allowed_hosts": job.allowed_hosts,
     }
+    if cfg.refresh != "never":
+        counts["refresh"] = {"generation": job.generation, "payload_records": summary["payload_records"],
+                             **(view_changes(crawl_view(warc_dir, generation=job.generation - 1), view)
+                                if job.generation else {"new": len(view)})}
+        io.write_json(state_dir / "refresh.json", {"generation": job.generation, "finished_at": time.time()})
+    return counts
+
+
+def _write_view(out_dir: Path, view: list[dict]) -> None:
+    io.write_text(out_dir / PAGES_FILE, "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in view))
 
 
 def _log_raw_inputs(ctx, out_dir: Path) -> None:
@@ -399,15 +511,17 @@ def _why_nothing(job: CrawlJob, skipped: dict[str, int]) -> str:
             f"check crawl.seeds and crawl.allowed_hosts ({', '.join(job.allowed_hosts)})")
 
 
-def _skipped_all_sessions(state_dir: Path) -> dict[str, int]:
-    """Skip reasons summed over every session of this crawl (a resumed crawl has several)."""
+def _skipped_all_sessions(state_dir: Path, generation: int = 0) -> dict[str, int]:
+    """Skip reasons summed over every session of this crawl or refresh (a resumed one has several)."""
     total: Counter = Counter()
     for path in sorted(state_dir.glob("session-*.json")):
-        total.update(json.loads(path.read_text()).get("skipped", {}))
+        session = json.loads(path.read_text())
+        if session.get("generation", 0) == generation:
+            total.update(session.get("skipped", {}))
     return dict(total)
 
 
-def _crawl_pydoc(cfg: CrawlSection, warc_dir: Path, state_dir: Path) -> tuple[dict, CrawlJob]:
+def _crawl_pydoc(cfg: CrawlSection, warc_dir: Path, state_dir: Path, generation: int) -> tuple[dict, CrawlJob]:
     """Crawl a local pydoc server. Its port is kept in .state/pydoc_port so a resumed crawl
     (whose WARC URLs carry that port) gets the same one; if it is taken, the crawl starts over."""
     from llmpipe.data.pydoc_server import exclusion_patterns, pydoc_server
@@ -416,12 +530,13 @@ def _crawl_pydoc(cfg: CrawlSection, warc_dir: Path, state_dir: Path) -> tuple[di
     port = int(port_file.read_text()) if port_file.is_file() else 0
     if port and not _port_free(port):
         _reset_crawl_state(warc_dir, state_dir)
-        port = 0
+        port, generation = 0, 0
     with pydoc_server(port=port, site_packages=cfg.pydoc_site_packages) as base:
         state_dir.mkdir(parents=True, exist_ok=True)
         io.write_text(port_file, str(urlsplit(base).port))
         job = CrawlJob.from_section(cfg, [base], warc_dir, state_dir,
-                                    extra_excludes=exclusion_patterns(list(cfg.pydoc_exclude_modules)))
+                                    extra_excludes=exclusion_patterns(list(cfg.pydoc_exclude_modules)),
+                                    generation=generation)
         return run_crawl(job), job
 
 

@@ -60,6 +60,16 @@ def normalized_text(doc: Document) -> str:
     return " ".join(doc.text.split())
 
 
+_PART = re.compile(r"^part-(\d{5})\.warc")
+
+
+def first_crawled_first(doc: Document) -> int:
+    """Exact dedup's priority: of identical documents, the one from the earliest crawl part is kept, so a
+    page a refresh found that copies a page the corpus has is the one dropped (other WARCs: equal)."""
+    match = _PART.match(Path(doc.metadata.get("file_path", "")).name)
+    return 65535 - min(int(match.group(1)), 65533) if match else 1
+
+
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 _CHARSET = re.compile(r"charset\s*=\s*[\"']?([\w.:-]+)", re.IGNORECASE)
 _BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
@@ -121,10 +131,11 @@ class RecordShardedWarcReader(WarcReader):
     make other bytes from the same pages.
     """
 
-    def __init__(self, *args, max_page_bytes: int = 5_000_000, **kwargs):
+    def __init__(self, *args, max_page_bytes: int = 5_000_000, records: frozenset[str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_file_path = False  # set below, relative
         self.max_page_bytes = max_page_bytes
+        self.records = records  # the response records the crawl has now (its pages.jsonl); None: every one
         self._count_skips = True  # every rank reads every record when records are split: rank 0 counts
 
     def read_file(self, filepath: str):
@@ -132,6 +143,9 @@ class RecordShardedWarcReader(WarcReader):
 
         with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
             for index, record in enumerate(ArchiveIterator(f)):
+                if (self.records is not None and record.rec_type == "response"
+                        and record.rec_headers.get_header("WARC-Record-ID") not in self.records):
+                    continue  # a page's older version, or one a refresh did not find again
                 with self.track_time():
                     page = page_from_record(record, self.max_page_bytes)
                     if isinstance(page, str) and self._count_skips:
@@ -184,7 +198,7 @@ def work_hash(cfg: PrepareSection, inputs: list[Path]) -> str:
     """Config + input file names (inside their folder, so a moved run keeps its bookkeeping) and
     sizes: the key of the datatrove bookkeeping folder."""
     listing = sorted((i, str(p.relative_to(folder)), p.stat().st_size) for i, folder in enumerate(inputs)
-                     if folder.is_dir() for p in folder.rglob("*") if p.is_file())
+                     if folder.exists() for p in ([folder] if folder.is_file() else folder.rglob("*")) if p.is_file())
     blob = json.dumps({"config": cfg.digest(), "inputs": listing}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -288,8 +302,8 @@ class Runner:
 
 
 def run_prepare(cfg: PrepareSection, warc_dir: Path, wet_dir: Path | None, documents_dir: Path,
-                work_dir: Path) -> dict:
-    """Run the whole prepare pipeline; return counts for the manifest."""
+                work_dir: Path, records: frozenset[str] | None = None) -> dict:
+    """Run the whole prepare pipeline on the WARCs' response records (those in `records`); return counts for the manifest."""
     logs, data = work_dir / "logs", work_dir / "data"
     runner = Runner(cfg, logs)
     filter_steps = F.build_filters(cfg)
@@ -298,8 +312,11 @@ def run_prepare(cfg: PrepareSection, warc_dir: Path, wet_dir: Path | None, docum
     pipeline: list = []
     if _has_files(warc_dir, "*.warc*"):
         pipeline += [RecordShardedWarcReader(str(warc_dir), glob_pattern="*.warc*", default_metadata={"source": "warc"},
-                                             max_page_bytes=cfg.max_page_bytes),
-                     Trafilatura(favour_precision=cfg.favour_precision, timeout=cfg.extract_timeout_s)]
+                                             max_page_bytes=cfg.max_page_bytes, records=records),
+                     # deduplicate=False: trafilatura's own dedup drops paragraphs it saw in earlier pages of the
+                     # same worker, so a page's text would depend on crawl order (the dedup steps do that job)
+                     Trafilatura(favour_precision=cfg.favour_precision, timeout=cfg.extract_timeout_s,
+                                 deduplicate=False)]
     if wet_dir is not None and _has_files(wet_dir, "*.wet*"):
         pipeline.append(RecordShardedWarcReader(str(wet_dir), glob_pattern="*.wet*",
                                                 default_metadata={"source": "wet"}, max_page_bytes=cfg.max_page_bytes))
@@ -318,7 +335,8 @@ def deduplicate(cfg: PrepareSection, runner: Runner, input_dir: Path, documents_
     """Exact dedup, then MinHash (signatures, LSH buckets, clusters, filter), then write the documents."""
     tasks, current = cfg.tasks, input_dir
     if cfg.exact_dedup:
-        exact = ExactDedupConfig(content_getter=normalized_text, hash_config=HashConfig(precision=64))
+        exact = ExactDedupConfig(content_getter=normalized_text, document_priority=first_crawled_first,
+                                 hash_config=HashConfig(precision=64))
         runner.run("exact_signature", [JsonlReader(str(current)),
                                        ExactDedupSignature(str(data / "exact" / "sigs"), exact, finder_workers=1)], tasks)
         runner.run("exact_find", [ExactFindDedups(str(data / "exact" / "sigs"), str(data / "exact" / "dups"),
@@ -422,10 +440,13 @@ def count_documents(folder: Path) -> tuple[int, int, int]:
 
 
 def prepare_stage(ctx, cfg: PrepareSection) -> dict:
-    warc_dir, wet_dir = ctx.inputs["warc"], ctx.inputs["wet"]
-    work_dir = Path(ctx.out_dir) / ".datatrove" / work_hash(cfg, [warc_dir, wet_dir])
+    from llmpipe.data.crawl import read_view
+
+    warc_dir, wet_dir, pages = ctx.inputs["warc"], ctx.inputs["wet"], ctx.inputs["pages"]
+    work_dir = Path(ctx.out_dir) / ".datatrove" / work_hash(cfg, [warc_dir, wet_dir, pages])
     documents_dir = ctx.run_dir.documents_dir
-    counts = run_prepare(cfg, warc_dir, wet_dir, documents_dir, work_dir)
+    records = frozenset(entry["record"] for entry in read_view(pages)) if Path(pages).is_file() else None
+    counts = run_prepare(cfg, warc_dir, wet_dir, documents_dir, work_dir, records)
     counts["executor"] = cfg.executor
     counts["output_format"] = cfg.output_format
     return counts
