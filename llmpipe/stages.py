@@ -442,9 +442,12 @@ def _call_stage_function(stage: Stage, ctx: StageContext, sections: list, config
         return stage.function()(ctx, *sections)
     from llmpipe.distributed.launch import run_workers  # only here: the package may import torch
 
-    nproc = max((s.nproc for s in sections if isinstance(s, TrainSection)), default=1)
+    train = next((s for s in sections if isinstance(s, TrainSection)), None)
     with _MODEL_STAGES:
-        return run_workers(ctx, config, nproc)
+        if train is None:
+            return run_workers(ctx, config, 1)
+        return run_workers(ctx, config, train.nproc, nnodes=train.nnodes, launcher=train.launcher,
+                           rdzv_endpoint=train.rdzv_endpoint)
 
 
 @dataclass

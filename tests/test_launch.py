@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -254,3 +255,61 @@ def test_flow_trains_fsdp_on_two_workers_logs_one_run_and_is_cached_next_time(tm
 
     again = run()
     assert again["stages"] == {"tokenizer": "cached", "shard": "cached", "pretrain": "cached"}
+
+
+# --- several nodes: Slurm's sbatch, or the command each node runs -------------------------------
+
+STANDINS = Path(__file__).with_name("slurm_standins")  # sbatch, srun and scontrol for a job whose nodes are all here
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _weights(run_dir: Path) -> tuple[str, dict]:
+    manifest = json.loads((run_dir / "pretrain" / "manifest.json").read_text())
+    return manifest["files"]["model.safetensors"]["sha256"], manifest["counts"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_nodes_by_sbatch_or_by_the_printed_command_train_what_two_local_workers_train(tmp_path, tracking_env):
+    """Two `torchrun --nnodes 2` agents meeting at a c10d rendezvous on 127.0.0.1, started by the real
+    scripts/slurm/pretrain.sbatch under stand-ins of sbatch/srun/scontrol, and by the command the stage
+    prints for `launcher: torchrun`: the same weights, bit for bit, as 2 workers of `torchrun --standalone`."""
+    config = _config_file(tmp_path, max_steps=4, checkpoint_every=2, eval_every=0)
+    env = {**tracking_env, "OMP_NUM_THREADS": "1"}
+    local = make_run_dir(tmp_path / "local")
+    done = subprocess.run(_llmpipe_pretrain(config, local, "--nproc", "2"), capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights, counts = _weights(local)
+    assert counts["world_size"] == 2
+
+    slurm = make_run_dir(tmp_path / "slurm")
+    nodes = ["--set", "pretrain.nnodes=2"]
+    done = subprocess.run(_llmpipe_pretrain(config, slurm, *nodes, "--set", "pretrain.launcher=slurm"),
+                          capture_output=True, text=True, timeout=300,
+                          env={**env, "PATH": f"{STANDINS}{os.pathsep}{env['PATH']}", "RDZV_PORT": str(_free_port())})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _weights(slurm) == (weights, counts)
+
+    printed = make_run_dir(tmp_path / "printed")
+    endpoint = f"127.0.0.1:{_free_port()}"
+    stage = subprocess.Popen(_llmpipe_pretrain(config, printed, *nodes, "--set", f"pretrain.rdzv_endpoint={endpoint}"),
+                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in stage.stdout:
+        lines.append(line)
+        if "torch.distributed.run" in line:
+            break
+    command = shlex.split(lines[-1])
+    assert "waiting for 2 nodes" in lines[-2] and f"--rdzv-endpoint={endpoint}" in command, lines
+    agents = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    assert [agent.wait(timeout=300) for agent in agents] == [0, 0]
+    assert stage.wait(timeout=60) == 0, stage.stdout.read()[-3000:]
+    assert _weights(printed) == (weights, counts)

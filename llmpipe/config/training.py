@@ -73,7 +73,7 @@ class TrainSection(Section):
 
     # `nproc` and `parallel` say how to compute, not what: a finished stage stays cached when they
     # change, and a resumed run may use another layout (checkpoints reshard).
-    execution_fields: ClassVar[frozenset[str]] = frozenset({"nproc", "nnodes", "parallel"})
+    execution_fields: ClassVar[frozenset[str]] = frozenset({"nproc", "nnodes", "parallel", "launcher", "rdzv_endpoint"})
 
     max_steps: int = Field(200, ge=1)  # optimizer steps
     batch_tokens: int = Field(8192, ge=1)  # global batch in tokens = micro_batch_size * seq_len * accumulation * data-parallel ranks
@@ -99,7 +99,11 @@ class TrainSection(Section):
     spike_warmup: int = Field(50, ge=0)  # steps before the spike guard arms
     peak_flops: float | None = Field(None, gt=0)  # device peak FLOP/s for MFU; None: measured matmul (CPU) or table (GPU)
     nproc: int = Field(1, ge=1)  # processes per node; > 1 runs the stage as `torchrun --nproc-per-node nproc`
-    nnodes: int = Field(1, ge=1)  # nodes; > 1 is started by a cluster launcher (torchrun rendezvous, sbatch; see README)
+    nnodes: int = Field(1, ge=1)  # nodes; > 1: the workers are started by `launcher` (see README, Scale-out)
+    # nnodes > 1: slurm submits scripts/slurm/pretrain.sbatch with `sbatch --wait`; torchrun prints the command
+    # to run on each node and waits for the workers' result
+    launcher: Literal["torchrun", "slurm"] = "torchrun"
+    rdzv_endpoint: str | None = None  # launcher torchrun, nnodes > 1: the c10d rendezvous host:port; default this host:29500
     parallel: ParallelConfig = ParallelConfig()
 
     @field_validator("spike_factor")

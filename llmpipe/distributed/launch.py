@@ -17,6 +17,10 @@ between it hands the work to `torchrun --standalone --nproc-per-node N -m llmpip
   * rank 0 writes the stage function's result to `.launch/result-rank0.json`, which becomes
     the stage's counts.
 
+On several nodes (`nnodes > 1`) the same job file is run by one torchrun per node: submitted as
+`sbatch --wait scripts/slurm/pretrain.sbatch JOB_FILE` (`launcher: slurm`), or by whoever runs the
+command the stage prints (`launcher: torchrun`), while the stage waits for rank 0's result.
+
 Dot-named files are bookkeeping: the manifest leaves them out.
 """
 
@@ -25,16 +29,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from llmpipe import io
+from llmpipe import console, io
 from llmpipe.config import RunConfig
 from llmpipe.context import StageContext, encode_inputs
 from llmpipe.errors import UserError
@@ -92,6 +99,21 @@ def torchrun_command(job: Path, nproc: int) -> list[str]:
             "-m", WORKER_MODULE, str(job)]
 
 
+SBATCH_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "slurm" / "pretrain.sbatch"
+
+
+def multinode_torchrun_command(job: Path, nproc: int, nnodes: int, endpoint: str, rdzv_id: str) -> list[str]:
+    """What each of `nnodes` nodes runs: one torchrun that meets the others at the c10d rendezvous `endpoint`."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}",
+            "-m", WORKER_MODULE, str(job)]
+
+
+def sbatch_command(job: Path, nnodes: int, log_dir: Path) -> list[str]:
+    """`sbatch --wait` of the pretrain script: it returns when the job ends, with the job's exit code."""
+    return ["sbatch", "--wait", f"--nodes={nnodes}", f"--output={log_dir / 'slurm-%j.out'}", str(SBATCH_SCRIPT), str(job)]
+
+
 def worker_env(nproc: int, tracking_uri: str | None = None) -> dict[str, str]:
     """Unbuffered output, so lines arrive as they are printed; the cores shared out between workers;
     the MLflow store by the environment, never in a file (its URI may carry a password)."""
@@ -109,32 +131,58 @@ def worker_env(nproc: int, tracking_uri: str | None = None) -> dict[str, str]:
     return env
 
 
-def run_workers(ctx: StageContext, config: RunConfig, nproc: int,
-                on_line: Callable[[str], None] = print) -> dict:
-    """Run the stage's function in `nproc` torchrun workers; return rank 0's result."""
+def run_workers(ctx: StageContext, config: RunConfig, nproc: int, on_line: Callable[[str], None] = print,
+                nnodes: int = 1, launcher: str = "torchrun", rdzv_endpoint: str | None = None) -> dict:
+    """Run the stage's function in `nproc` torchrun workers (on each of `nnodes` nodes); return rank 0's result.
+
+    One node: `torchrun --standalone` here. Several: `launcher` slurm submits the sbatch script and
+    waits for it; torchrun prints the command each node runs and waits for the workers' result."""
     files = LaunchFiles.of(ctx.out_dir)
     shutil.rmtree(files.root, ignore_errors=True)  # an earlier attempt's errors are not this one's
     io.write_json(files.job, {"stage": ctx.name, "config": config.model_dump(mode="json"),
                               "out_dir": str(ctx.out_dir), "inputs": encode_inputs(ctx.inputs),
                               "tracking": {"run_id": ctx.tracker.run_id, "file": str(files.tracking)}})
+    env = worker_env(nproc, ctx.tracker.uri)
+    if nnodes > 1 and launcher == "torchrun":
+        with Replay(files.tracking, ctx.tracker):
+            return _wait_for_nodes(ctx, files, nproc, nnodes, rdzv_endpoint or f"{socket.getfqdn()}:29500")
+    if nnodes > 1:
+        command = sbatch_command(files.job, nnodes, files.root)
+        env.update(GPUS_PER_NODE=str(nproc), VENV=env.get("VENV", sys.prefix))
+    else:
+        command = torchrun_command(files.job, nproc)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     with Replay(files.tracking, ctx.tracker), \
-            supervised(torchrun_command(files.job, nproc), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, errors="replace",
-                       env=worker_env(nproc, ctx.tracker.uri)) as proc:
+            supervised(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, errors="replace", env=env) as proc:
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail.append(line)
             on_line(line)
         code = proc.wait()
     if code != 0:
-        failure = WorkerFailed(f"{ctx.name}: {describe_failure(files, code, list(tail))}")
+        failure = WorkerFailed(f"{ctx.name}: {describe_failure(files, code, list(tail), command[0])}")
         failure.errno = next((error["errno"] for error in files.errors() if error.get("errno")), None)
         raise failure
     return json.loads(files.result(0).read_text())
 
 
-def describe_failure(files: LaunchFiles, code: int, tail: list[str]) -> str:
+def _wait_for_nodes(ctx: StageContext, files: LaunchFiles, nproc: int, nnodes: int, endpoint: str,
+                    poll_s: float = 1.0) -> dict:
+    """Say what to run on each node, then wait until rank 0 has written its result, or a worker its error."""
+    command = multinode_torchrun_command(files.job, nproc, nnodes, endpoint, f"llmpipe-{ctx.name}-{os.getpid()}")
+    console.say(f"{ctx.name:<10} waiting for {nnodes} nodes: run on each (the run directory shared, the same venv):")
+    console.say("  " + shlex.join(command))
+    while not files.result(0).is_file():
+        if files.errors():
+            failure = WorkerFailed(f"{ctx.name}: {describe_failure(files, 1, [])}")
+            failure.errno = next((error["errno"] for error in files.errors() if error.get("errno")), None)
+            raise failure
+        time.sleep(poll_s)
+    return json.loads(files.result(0).read_text())
+
+
+def describe_failure(files: LaunchFiles, code: int, tail: list[str], launcher: str = "torchrun") -> str:
     """One line: a worker killed by a signal (torchrun's summary names it), else the first error a
     worker recorded, else torchrun's last words.
 
@@ -154,7 +202,8 @@ def describe_failure(files: LaunchFiles, code: int, tail: list[str]) -> str:
         first = min(errors, key=lambda error: error["time"])
         return f"worker rank {first['rank']} failed: {first['error']}"
     last = next((line.strip() for line in reversed(tail) if line.strip()), "no output")
-    return f"torchrun failed ({_exit_reason(code)}): {last}"
+    launcher = "torchrun" if launcher == sys.executable else launcher
+    return f"{launcher} failed ({_exit_reason(code)}): {last}"
 
 
 def _worker_exits(output: str) -> list[tuple[int, int]]:
