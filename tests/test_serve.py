@@ -156,22 +156,59 @@ def _llmpipe(command: str, run_dir: Path, corpus: Path, *extra: str) -> list[str
             "--until", "shard", *[arg for o in overrides for arg in ("--set", o)], *extra]
 
 
-def test_serve_registers_the_schedule_and_runs_it(server, corpus_dir, tmp_path):
-    url = server["url"]
-    served = server["processes"].start(
-        "serve", _llmpipe("serve", tmp_path / "served", corpus_dir, "--cron", "0 3 * * *", "--name", "nightly"),
-        server["env"])
-    deployment = _wait(lambda: _deployment(url, "nightly"), 120,
-                       lambda: f"no deployment:\n{server['processes'].log('serve')}", alive=served)
-    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
-    assert deployment["parameters"]["until"] == ["shard"]
+def test_serve_registers_the_schedule_and_its_runs_see_the_site_change(server, tmp_path):
+    """`llmpipe serve` of a `crawl.refresh: always` config; two runs triggered through the API with a page
+    changed, one added and one removed on the local site between them: the second recrawls and reruns the
+    stages whose inputs changed (the tokenizer is kept), and MLflow records both, the second linked to the first."""
+    from mlflow.tracking import MlflowClient
+    from test_refresh import NEWS, VersionedSite, _config, _documents
 
-    first = _trigger_and_wait(server, deployment, "serve")
-    assert _task_states(url, first["id"]) == {"tokenizer": "Completed", "shard": "Completed"}
-    assert (tmp_path / "served" / "shard" / "manifest.json").is_file()
-    assert (tmp_path / "served" / "logs" / "shard.log").is_file()  # runs of a deployment keep per-stage logs too
-    second = _trigger_and_wait(server, deployment, "serve")
-    assert _task_states(url, second["id"]) == {"tokenizer": "Cached", "shard": "Cached"}
+    from llmpipe.tracking import EXPERIMENT, tracking_uri
+
+    url = server["url"]
+    *bodies, held_back = _site_bodies()
+    pages = {f"/page{i}.html": body for i, body in enumerate(bodies)}
+    site = VersionedSite(pages)
+    run_dir = tmp_path / "runs" / "served"
+    try:
+        served = server["processes"].start(
+            "serve", [str(BIN / "llmpipe"), "serve", "--config", str(_config(tmp_path, site.base)), "--run-dir",
+                      str(run_dir), "--until", "shard", "--cron", "0 3 * * *", "--name", "nightly"], server["env"])
+        deployment = _wait(lambda: _deployment(url, "nightly"), 120,
+                           lambda: f"no deployment:\n{server['processes'].log('serve')}", alive=served)
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+        assert deployment["parameters"]["until"] == ["shard"]
+
+        first = _trigger_and_wait(server, deployment, "serve")
+        stages = {"crawl": "Completed", "prepare": "Completed", "tokenizer": "Completed", "shard": "Completed"}
+        assert _task_states(url, first["id"]) == stages
+        assert (run_dir / "logs" / "shard.log").is_file()  # runs of a deployment keep per-stage logs too
+        before = _documents(run_dir)
+
+        site.change("/page0.html", pages["/page0.html"].replace(b"</article>", NEWS + b"</article>"))
+        site.change("/added.html", held_back)
+        del site.pages["/page2.html"]
+        second = _trigger_and_wait(server, deployment, "serve")
+    finally:
+        site.close()
+    assert _task_states(url, second["id"]) == {**stages, "tokenizer": "Cached"}
+    after = _documents(run_dir)
+    base = site.base[:-1]
+    assert set(after) == set(before) - {base + "/page2.html"} | {base + "/added.html"}
+    assert after[base + "/page0.html"] != before[base + "/page0.html"]
+
+    client = MlflowClient(tracking_uri(run_dir.parent))
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    parents = {run.data.tags["prefect.flow_run_id"]: run for run in client.search_runs([experiment])
+               if "llmpipe.run_dir" in run.data.tags}
+    assert set(parents) == {first["id"], second["id"]}
+    assert parents[second["id"]].data.tags["llmpipe.previous_run_id"] == parents[first["id"]].info.run_id
+
+
+def _site_bodies() -> list[bytes]:
+    from test_prepare import _site_pages
+
+    return [body for url, body in _site_pages() if "/page" in url]
 
 
 def test_deploy_to_a_process_pool_runs_on_a_worker(server, corpus_dir, tmp_path):
