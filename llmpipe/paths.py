@@ -15,6 +15,7 @@
       <stage>/manifest.json       written last: the stage's completion marker
       <stage>/.timing.json        the wall time of its last run (hidden: not an output)
       .lock                       locked by the run that is writing here (llmpipe/locks.py)
+      .continue/pretrain/         a refresh's previous pretraining (manifest, final checkpoint), continued from
       logs/<stage>.log            everything a stage printed or logged (the console shows a summary)
 """
 
@@ -85,6 +86,10 @@ class RunDir:
 
     def checkpoints_dir(self, phase: str) -> Path:
         return self.stage(phase) / "checkpoints"
+
+    def continue_dir(self, stage: str) -> Path:
+        """.continue/<stage>/: a refreshed run's previous result (manifest, final checkpoint), which it continues."""
+        return self.root / ".continue" / stage
 
     def timing_file(self, stage: str) -> Path:
         """<stage>/.timing.json: the wall time of the stage's last run; hidden, so not one of its outputs."""

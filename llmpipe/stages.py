@@ -87,6 +87,8 @@ class Stage:
     refresh: str | None = None
     fingerprint_files: tuple[str, ...] = ()  # glob patterns of the outputs that are its fingerprint; empty: all
     kept_on_refresh: bool = False  # with crawl.refresh, new inputs keep its outputs (unless <section>.retrain_on_refresh)
+    # with crawl.refresh and <section>.refresh: continue, new inputs continue from its last result (input `continue_from`)
+    continues_on_refresh: bool = False
 
     def enabled(self, config: RunConfig) -> bool:
         return not self.methods or any(method in config.align.methods for method in self.methods)
@@ -155,7 +157,7 @@ STAGES: dict[str, Stage] = {
               summary=("train_tokens", "val_tokens", "train_shards")),
         Stage("pretrain", "llmpipe.training.pretrain:pretrain_stage", ("model", "pretrain"),
               inputs={"tokenizer": Input("tokenizer", "tokenizer_dir"), "shards": Input("shard", "shards_dir")},
-              resumable=True, own_process=True, summary=("steps", "train_loss", "val_loss", "tokens_per_s")),
+              resumable=True, own_process=True, continues_on_refresh=True, summary=("steps", "train_loss", "val_loss", "tokens_per_s")),
         Stage("instruct", "llmpipe.alignment.instruct:instruct_stage", ("instruct",), fingerprint_python=True,
               summary=("sft_train", "preferences_train", "prompts_train")),
         Stage("sft", "llmpipe.alignment.sft:sft_stage", ("model", "sft"),
@@ -316,7 +318,60 @@ def input_fingerprints(stage: Stage, config: RunConfig, external: dict[str, str]
         else:
             each = [external.get(str(path)) or directory_fingerprint(path) for path in as_paths(given)]
             prints[name] = each[0] if not isinstance(given, list) else _sha256_json(each)
+    previous = _continued(stage, config, prints)
+    if previous is not None:
+        prints[CONTINUE_FROM] = previous
     return prints
+
+
+CONTINUE_FROM = "continue_from"  # the input of a refreshed stage that continues its last result
+
+
+def _continuing(stage: Stage, config: RunConfig) -> bool:
+    return (stage.continues_on_refresh and config.crawl.refresh != "never"
+            and config.section(stage.sections[-1]).refresh == "continue")
+
+
+def _manifest_or_none(folder: Path) -> dict | None:
+    try:
+        return io.read_manifest(folder) if (folder / MANIFEST).is_file() else None
+    except io.ChecksumError:
+        return None
+
+
+def _continued(stage: Stage, config: RunConfig, prints: dict[str, str]) -> str | None:
+    """The `continue_from` fingerprint of a continuing stage: the one its manifest recorded while its
+    other inputs are the same (cached); else its last result's, that of its folder, or the copy kept
+    when a continued run was interrupted (`.continue/<stage>`); None to start afresh."""
+    if not _continuing(stage, config):
+        return None
+    run_dir, section = RunDir(config.run_dir), config.section(stage.sections[-1])
+    current = _manifest_or_none(run_dir.stage(stage.name))
+    if current is not None and {k: v for k, v in current["inputs"].items() if k != CONTINUE_FROM} == prints:
+        return current["inputs"].get(CONTINUE_FROM)
+    previous = current if current is not None else _manifest_or_none(run_dir.continue_dir(stage.name))
+    model = stage.sections[:-1]
+    if previous is None or any(previous["config"][name] != config.section(name).model_dump(mode="json") for name in model):
+        return None  # another model: nothing to continue
+    return _sha256_json({"previous": previous["fingerprint"], "steps": section.refresh_steps})
+
+
+def _keep_for_continuing(stage: Stage, run_dir: RunDir) -> None:
+    """Before a continuing stage's folder is cleared: its manifest and final checkpoint to `.continue/<stage>`
+    (hard links: no copy of the weights; the folder is replaced at once, so a kill leaves the old copy or the new)."""
+    folder, manifest = run_dir.stage(stage.name), _manifest_or_none(run_dir.stage(stage.name))
+    if manifest is None:
+        return  # an interrupted continued run: the copy kept before it is the one to continue
+    final = run_dir.checkpoints_dir(stage.name) / f"step_{int(manifest['counts']['steps']):07d}"
+    kept, staging = run_dir.continue_dir(stage.name), run_dir.continue_dir(stage.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(final, staging / "checkpoints" / final.name, copy_function=os.link)
+    shutil.copy2(folder / MANIFEST, staging / MANIFEST)
+    shutil.rmtree(kept.with_name(kept.name + ".old"), ignore_errors=True)
+    if kept.exists():
+        os.replace(kept, kept.with_name(kept.name + ".old"))
+    os.replace(staging, kept)
+    shutil.rmtree(kept.with_name(kept.name + ".old"), ignore_errors=True)
 
 
 def _kept_on_refresh(stage: Stage, config: RunConfig) -> dict[str, str] | None:
@@ -520,6 +575,10 @@ def _execute(stage: Stage, config: RunConfig, run_dir: RunDir, tracker: Tracker,
     key = cache_key(stage, config, inputs, code)
     paths = stage.input_paths(config)
     out_dir = run_dir.stage(name)
+    if CONTINUE_FROM in inputs:
+        if not is_current(name, config, key):
+            _keep_for_continuing(stage, run_dir)
+        paths[CONTINUE_FROM] = run_dir.continue_dir(name)
     _prepare_out_dir(stage, out_dir, cache_key(stage, config, inputs, code, refresh=False))
     run_dir.root.mkdir(parents=True, exist_ok=True)
     io.write_text(run_dir.config_file, dump(config))
@@ -529,6 +588,8 @@ def _execute(stage: Stage, config: RunConfig, run_dir: RunDir, tracker: Tracker,
                         for k, v in _flatten(sec.model_dump(mode="json")).items()})
     sources = {input_name: paths[input_name] if spec.external(config) is not None else run_dir.manifest(spec.stage)
                for input_name, spec in stage.active_inputs(config).items()}
+    if CONTINUE_FROM in inputs:
+        sources[CONTINUE_FROM] = run_dir.continue_dir(name) / MANIFEST
     with _LOG_INPUTS:
         tracker.log_inputs({input_name: (str(sources[input_name]), fp) for input_name, fp in inputs.items()})
 

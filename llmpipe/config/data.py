@@ -172,7 +172,9 @@ class PrepareSection(Section):
     tasks: int = Field(2, ge=1)  # datatrove tasks (output shards)
     workers: int = Field(2, ge=1)  # concurrent tasks on the local executor
     output_format: Literal["jsonl", "parquet"] = "jsonl"
-    extract_timeout_s: float = Field(5.0, gt=0)  # trafilatura time limit per page
+    # trafilatura time limit per page, a guard against pages that hang it: a wall-clock limit, so one near it
+    # is dropped on a busy machine and kept on an idle one (5 s did that in a tiny demo beside a test run)
+    extract_timeout_s: float = Field(30.0, gt=0)
     max_page_bytes: int = Field(5_000_000, ge=1024)  # larger pages are skipped (counted as too_large)
     favour_precision: bool = True  # trafilatura: less boilerplate, may lose some text
     language: LanguageFilterConfig = LanguageFilterConfig()

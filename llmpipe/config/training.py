@@ -158,3 +158,10 @@ def layout_error(name: str, train: TrainSection, model: ModelSection) -> str | N
 
 class PretrainSection(TrainSection):
     """Next-token pretraining on the shards. Owned by llmpipe/training."""
+
+    # with crawl.refresh, new shards: continue from the last run's final checkpoint (its step, optimizer and
+    # learning-rate schedule) for refresh_steps more steps, or restart from a random init
+    refresh: Literal["continue", "restart"] = "continue"
+    refresh_steps: int = Field(50, ge=1)
+    # part of the key only where a run continues (stages.input_fingerprints)
+    execution_fields: ClassVar[frozenset[str]] = TrainSection.execution_fields | {"refresh", "refresh_steps"}

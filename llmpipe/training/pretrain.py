@@ -9,6 +9,7 @@ for export, generation and the next phases) and `train_config.json`.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def next_token_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Ten
 
 def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path, out_dir: Path, seed: int,
                  tracker: Tracker | None = None, *, init_from: Path | None = None, stop_after: int | None = None,
-                 verify: bool = True) -> dict:
+                 verify: bool = True, continue_from: Path | None = None) -> dict:
     """Train (or resume) into `out_dir`; return the final numbers.
 
     Runs in one process, or on every rank of a torchrun job (rank and world size from its
@@ -85,8 +86,15 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
 
     ckpt_root = out_dir / "checkpoints"
     state = trainer.resume(ckpt_root, task)
+    until = None
+    if continue_from is not None:
+        previous = json.loads((Path(continue_from) / "manifest.json").read_text())["counts"]["steps"]
+        until = int(previous) + cfg.refresh_steps
+        if state.step == 0:  # not a resumed continuation: start where the previous run ended
+            state = trainer.continue_from(Path(continue_from) / "checkpoints")
     resumed_from, resumed_tokens = state.step, state.tokens
-    state = trainer.fit(task, state, ckpt_root=ckpt_root, config=config, tracker=tracker, stop_after=stop_after)
+    state = trainer.fit(task, state, ckpt_root=ckpt_root, config=config, tracker=tracker, stop_after=stop_after,
+                        until=until)
 
     device = trainer.device
     peak = peak_flops(device, trainer.dtype, cfg.peak_flops)
@@ -110,10 +118,11 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
             "first_step_s": state.first_step_s,
         },
         "resumed_from_step": resumed_from,
+        **({"continued_from_step": until - cfg.refresh_steps} if until is not None else {}),
         "accumulation": trainer.accumulation,
         "world_size": trainer.env.world_size,
     }
-    if stop_after is not None and state.step < cfg.max_steps:
+    if stop_after is not None and state.step < (until or cfg.max_steps):
         return result
     trainer.save_release(out_dir, config, tracker)
     return result
@@ -121,7 +130,8 @@ def run_pretrain(model_cfg: ModelSection, cfg: PretrainSection, shards_dir: Path
 
 def pretrain_stage(ctx: StageContext, model_cfg: ModelSection, cfg: PretrainSection) -> dict:
     """The registered stage: shards from the run's shard stage, outputs in ctx.out_dir."""
-    return run_pretrain(model_cfg, cfg, ctx.inputs["shards"], ctx.out_dir, ctx.seed, ctx.tracker)
+    return run_pretrain(model_cfg, cfg, ctx.inputs["shards"], ctx.out_dir, ctx.seed, ctx.tracker,
+                        continue_from=ctx.inputs.get("continue_from"))
 
 
 if __name__ == "__main__":

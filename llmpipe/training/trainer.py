@@ -322,6 +322,19 @@ class Trainer:
             print(f"resuming from {latest} (step {state.step})", flush=True)
         return state
 
+    def continue_from(self, root: Path) -> LoopState:
+        """Start from another run's final checkpoint under `root`: its weights, optimizer state, step
+        and tokens (so the learning-rate schedule goes on from there); the loader starts the new data."""
+        latest = env.broadcast_object(checkpoint.latest(root) if env.is_main() else None)
+        if latest is None:
+            raise io.ChecksumError(f"no complete checkpoint under {root} to continue from: "
+                                   f"set {self.section}.refresh=restart, or rerun the stage with --force")
+        saved = checkpoint.load(latest, self.model_parts, self.optimizers, verified=True)
+        state = LoopState(**{f.name: saved[f.name] for f in fields(LoopState) if f.name in saved})
+        if self.env.is_main:
+            print(f"continuing from {latest} (step {state.step}) on new data", flush=True)
+        return state
+
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """The whole single-device state dict on CPU, gathered from every rank, on rank 0 (empty elsewhere)."""
         return full_model_state(self.model_parts, self.mesh)
@@ -458,12 +471,14 @@ class Trainer:
         return state, loop_summary(state, resumed_from, self)
 
     def fit(self, task: TrainTask, state: LoopState, *, ckpt_root: Path, config: dict, tracker: Tracker | None = None,
-            stop_after: int | None = None) -> LoopState:
-        """Run optimizer steps state.step .. cfg.max_steps-1 and return the final state.
+            stop_after: int | None = None, until: int | None = None) -> LoopState:
+        """Run optimizer steps state.step .. cfg.max_steps-1 (or `until`-1: a continued run, its learning
+        rate at the schedule's floor past max_steps) and return the final state.
 
         `config` is saved beside every checkpoint. `stop_after` ends the loop after that step as
         if the process were killed (tests of resume).
         """
+        end = self.cfg.max_steps if until is None else until
         cfg, p, main = self.cfg, self.parallel, self.env.is_main
         tracker = tracker if main and tracker is not None else NullTracker()
         peak = peak_flops(self.device, self.dtype, cfg.peak_flops) * self.env.world_size
@@ -487,13 +502,13 @@ class Trainer:
                 tracker.log_metrics({"val/loss": state.val_loss}, step=state.step)
 
         window_tokens, window_time = 0, 0.0
-        bar = progress(cfg.max_steps, task.name, unit="step", initial=state.step, enabled=main)
+        bar = progress(end, task.name, unit="step", initial=state.step, enabled=main)
 
         def say(line: str) -> None:  # rank 0 speaks for all (the numbers are all-reduced)
             if main:
                 bar.write(line)
 
-        while state.step < cfg.max_steps:
+        while state.step < end:
             step = state.step
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
@@ -524,7 +539,7 @@ class Trainer:
             bar.update()
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
 
-            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            if state.step % cfg.log_every == 0 or state.step == end:
                 state.train_history.append((state.step, loss_value))
                 tps = window_tokens / window_time
                 mfu = tps * task.flops_per_token / peak
@@ -533,14 +548,14 @@ class Trainer:
                                      "train/peak_mem_mb": peak_memory_mb(self.device), "train/tokens": state.tokens,
                                      **{f"train/{k}": v for k, v in zip(metric_sums, metric_values)}},
                                     step=state.step)
-                say(f"step {state.step:6d}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} "
+                say(f"step {state.step:6d}/{end} loss {loss_value:.4f} lr {lr:.2e} "
                           f"gnorm {grad_norm:.3f} tok/s {tps:,.0f} mfu {mfu:.1%}")
                 window_tokens, window_time = 0, 0.0
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < end:
                 log_eval()
                 if state.val_loss is not None:
                     say(f"step {state.step:6d} val loss {state.val_loss:.4f}")
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < end:
                 save(state.step)
             for callback in self.on_step_end:
                 callback(state)
