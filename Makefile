@@ -35,6 +35,7 @@ bench: setup
 	$(PY) benchmarks/pretrain_throughput.py
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/data_memory.py
+	$(PY) benchmarks/refresh.py
 
 clean:
 	rm -rf runs .prefect .pytest_cache

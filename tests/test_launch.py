@@ -63,6 +63,9 @@ def test_supervised_group_is_stopped_when_the_block_fails():
             time.sleep(0.3)  # let the shell start its background child
             raise KeyboardInterrupt
     assert proc.returncode == -signal.SIGTERM
+    deadline = time.monotonic() + 10  # the grandchild got the signal with the group; it may take a moment to exit
+    while _processes_matching("sleep 60", pgid=proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert _processes_matching("sleep 60", pgid=proc.pid) == []  # the grandchild went with the group
 
 

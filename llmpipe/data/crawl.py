@@ -521,7 +521,7 @@ def _skipped_all_sessions(state_dir: Path, generation: int = 0) -> dict[str, int
     return dict(total)
 
 
-def _crawl_pydoc(cfg: CrawlSection, warc_dir: Path, state_dir: Path, generation: int) -> tuple[dict, CrawlJob]:
+def _crawl_pydoc(cfg: CrawlSection, warc_dir: Path, state_dir: Path, generation: int = 0) -> tuple[dict, CrawlJob]:
     """Crawl a local pydoc server. Its port is kept in .state/pydoc_port so a resumed crawl
     (whose WARC URLs carry that port) gets the same one; if it is taken, the crawl starts over."""
     from llmpipe.data.pydoc_server import exclusion_patterns, pydoc_server
