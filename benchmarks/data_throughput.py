@@ -16,12 +16,12 @@ import json
 import random
 import sys
 import tempfile
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from local_server import serve  # noqa: E402
 
 from llmpipe.config import CrawlSection  # noqa: E402
 from llmpipe.data import filters as F  # noqa: E402
@@ -68,10 +68,7 @@ def synthetic_site(pages: int, seed: int = 0) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return serve(Handler)
 
 
 def bench_crawl_site(pages: int, work: Path) -> None:

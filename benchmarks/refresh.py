@@ -19,7 +19,6 @@ import random
 import re
 import sys
 import tempfile
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +26,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from local_server import serve  # noqa: E402
+
 os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parents[1] / ".prefect"))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
@@ -45,7 +46,7 @@ def page(rng: random.Random, pool: list[str], title: str, links: list[str]) -> b
     return f"<html><head><title>{title}</title></head><body><article><h1>{title}</h1>{paragraphs}</article>{nav}</body></html>".encode()
 
 
-def serve(pages: dict[str, bytes]) -> ThreadingHTTPServer:
+def site(pages: dict[str, bytes]) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
@@ -70,10 +71,7 @@ def serve(pages: dict[str, bytes]) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return serve(Handler)
 
 
 def main() -> None:
@@ -90,7 +88,7 @@ def main() -> None:
     pages = {path: page(rng, pool, f"Page {i}", [paths[(i + k) % len(paths)] for k in (1, 2, 3)])
              for i, path in enumerate(paths)}
     pages["/"] = "".join(f'<a href="{p}">{p}</a> ' for p in paths).encode()
-    server = serve(pages)
+    server = site(pages)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "refresh.yaml"
         config.write_text(yaml.safe_dump({

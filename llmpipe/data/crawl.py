@@ -250,11 +250,10 @@ def iter_warc_pages(warc_dir: Path, given: bool = False) -> Iterator[WarcPage]:
                     revisit=record.rec_type == "revisit")
 
 
-def crawl_view(warc_dir: Path, given: bool = False, generation: int | None = None) -> list[dict]:
-    """The pages the crawl has now: those its last generation (or `generation`) visited, each naming
-    the response record that holds its payload, sorted by URL. A page a refresh did not find again
-    is not in it; an unchanged page names the record of the crawl that first stored it."""
-    pages = list(iter_warc_pages(warc_dir, given))
+def crawl_view(pages: list[WarcPage], generation: int | None = None) -> list[dict]:
+    """The pages the crawl has now (of `pages`, those of `iter_warc_pages`): those its last generation (or
+    `generation`) visited, each naming the response record that holds its payload, sorted by URL. A page
+    a refresh did not find again is not in it; an unchanged page names the record of the crawl that first stored it."""
     if generation is None:
         generation = max((page.generation for page in pages), default=0)
     view = [{"url": page.url, "digest": page.digest, "warc": page.source_file, "record": page.source_id}
@@ -276,12 +275,15 @@ def read_view(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
-def warc_summary(warc_dir: Path, given: bool = False) -> dict:
+def warc_summary(warc_dir: Path, given: bool = False, pages: list[WarcPage] | None = None,
+                 generation: int | None = None) -> dict:
+    """Counts of the WARCs: the pages of the view (`crawl_view`), the payloads stored. `pages`: read already."""
     files = warc_parts(warc_dir, given)
-    view = crawl_view(warc_dir, given)
-    pages = [page for page in iter_warc_pages(warc_dir, given) if not page.revisit]
+    pages = list(iter_warc_pages(warc_dir, given)) if pages is None else pages
+    view = crawl_view(pages, generation)
+    stored = [page for page in pages if not page.revisit]
     return {"pages": len(view), "unique_urls": len({normalize_url(entry["url"]) for entry in view}),
-            "html_bytes": sum(len(page.body) for page in pages), "payload_records": len(pages),
+            "html_bytes": sum(len(page.body) for page in stored), "payload_records": len(stored),
             "warc_files": len(files), "warc_bytes": sum(p.stat().st_size for p in files)}
 
 
@@ -446,8 +448,9 @@ def crawl_stage(ctx, cfg: CrawlSection) -> dict:
     warc_dir = ctx.run_dir.warc_dir
     if cfg.warc_inputs:
         counts = ingest_warc_inputs(list(cfg.warc_inputs), out_dir)
-        summary = warc_summary(warc_dir, given=True)  # the counts a crawl that wrote these WARCs has
-        _write_view(out_dir, crawl_view(warc_dir, given=True))
+        pages = list(iter_warc_pages(warc_dir, given=True))
+        summary = warc_summary(warc_dir, given=True, pages=pages)  # the counts a crawl that wrote these WARCs has
+        _write_view(out_dir, crawl_view(pages))
         _log_raw_inputs(ctx, out_dir)
         return {**counts, "pages_fetched": summary["pages"], "unique_urls": summary["unique_urls"],
                 "html_bytes": summary["html_bytes"], "source": "warc_inputs", "inputs": list(cfg.warc_inputs)}
@@ -462,11 +465,12 @@ def crawl_stage(ctx, cfg: CrawlSection) -> dict:
         session, job = _crawl_pydoc(cfg, warc_dir, state_dir, generation)
         source = "pydoc"
     wall = time.perf_counter() - t0
-    view = crawl_view(warc_dir, generation=job.generation)
+    pages = list(iter_warc_pages(warc_dir))  # read once: the view, the counts, the refresh's changes
+    view = crawl_view(pages, job.generation)
     if not view:
         raise CrawlFetchedNothing(_why_nothing(job, _skipped_all_sessions(state_dir, job.generation)))
     _write_view(out_dir, view)
-    summary = warc_summary(warc_dir)
+    summary = warc_summary(warc_dir, pages=pages, generation=job.generation)
     fetched = session.get("pages_written", 0)
     _log_raw_inputs(ctx, out_dir)
     counts = {
@@ -484,7 +488,7 @@ def crawl_stage(ctx, cfg: CrawlSection) -> dict:
     }
     if cfg.refresh != "never":
         counts["refresh"] = {"generation": job.generation, "payload_records": summary["payload_records"],
-                             **(view_changes(crawl_view(warc_dir, generation=job.generation - 1), view)
+                             **(view_changes(crawl_view(pages, job.generation - 1), view)
                                 if job.generation else {"new": len(view)})}
         io.write_json(state_dir / "refresh.json", {"generation": job.generation, "finished_at": time.time()})
     return counts
