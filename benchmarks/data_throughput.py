@@ -3,7 +3,8 @@
     python benchmarks/data_throughput.py [--site-pages 1000] [--pydoc-pages 300] [--workers 1,2]
 
 Prints pages/s for crawling (a synthetic local site served by a threaded http.server, and the
-local pydoc server), then docs/s and MB/s for extraction, filtering and each MinHash stage, run by
+local pydoc server), then docs/s and MB/s for extraction (and for extraction of pages seen before,
+which a refresh takes from the extraction cache), filtering and each MinHash stage, run by
 datatrove's LocalPipelineExecutor with 1 and 2 workers on the pydoc crawl (real HTML).
 Extraction MB/s counts HTML bytes in; the other stages count text bytes in.
 """
@@ -116,11 +117,11 @@ def _text_mb(folder: Path) -> tuple[int, float]:
 def bench_prepare(warc_dir: Path, workers: int, work: Path) -> None:
     from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
     from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets
-    from datatrove.pipeline.extractors import Trafilatura
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.hashing import HashConfig
 
+    from llmpipe.data.extract import CachedTrafilatura, ExtractionCache
     from llmpipe.data.prepare import RecordShardedWarcReader, Runner
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -135,12 +136,17 @@ def bench_prepare(warc_dir: Path, workers: int, work: Path) -> None:
     def line(stage: str, docs: int, mb: float, seconds: float) -> None:
         ROWS.append((stage, workers, docs, "docs", seconds, docs / seconds, mb / seconds))
 
-    runner.run("extract", [RecordShardedWarcReader(str(warc_dir), glob_pattern="*.warc*"),
-                           Trafilatura(favour_precision=True, timeout=cfg.extract_timeout_s),
-                           JsonlWriter(str(data / "extracted"), output_filename="${rank}.jsonl.gz")], 2)
+    cache = ExtractionCache(work / "extractions.sqlite")
+    for job, output in (("extract", "extracted"), ("extract_seen", "extracted_again")):  # the second: a refresh's
+        runner.run(job, [RecordShardedWarcReader(str(warc_dir), glob_pattern="*.warc*"),
+                         CachedTrafilatura(cache.path, data / f"{job}_new", favour_precision=True,
+                                           timeout=cfg.extract_timeout_s, deduplicate=False),
+                         JsonlWriter(str(data / output), output_filename="${rank}.jsonl.gz")], 2)
+        cache.merge(data / f"{job}_new")
     docs_in = int(F.step_counts(next(s for s in F.read_stats(work / "logs" / "extract")
-                                     if s.name.endswith(Trafilatura.name)))["in"])
+                                     if s.name.endswith(CachedTrafilatura.name)))["in"])
     line("extract", docs_in, html_mb, runner.seconds["extract"])
+    line("extract, HTML seen before (cache)", docs_in, html_mb, runner.seconds["extract_seen"])
 
     docs, mb = _text_mb(data / "extracted")
     runner.run("filters", [JsonlReader(str(data / "extracted")), *[s for _, s in F.build_filters(cfg)],

@@ -173,12 +173,15 @@ def _reproduce(args: argparse.Namespace) -> int:
     record = lineage.load_record(uri, args.run_id)
     run_dir = args.run_dir or Path("runs") / f"{record.name}-{record.run_id[:8]}"
     inputs = run_dir / ".inputs"  # hidden: the record's files, not outputs of the reproduction
-    config = lineage.reproduction_config(record, lineage.fetch_warcs(uri, record, inputs))
-    config_path = inputs / "config.yaml"
-    config_path.write_text(configlib.to_yaml(config))
-    configlib.load(config_path, run_dir=run_dir)  # a record from another llmpipe version fails here, in one line
+    runs = lineage.replay(record, lineage.fetch_warcs(uri, record, inputs))
     print(f"reproducing run {record.run_id} ({record.name}: {', '.join(record.stages)}) in {run_dir}")
-    summary = _run_flow(args.verbose, config_path=str(config_path), run_dir=str(run_dir), until=list(record.stages))
+    for generation, (config, until) in enumerate(runs):
+        config_path = inputs / ("config.yaml" if generation == len(runs) - 1 else f"config-generation-{generation}.yaml")
+        config_path.write_text(configlib.to_yaml(config))
+        configlib.load(config_path, run_dir=run_dir)  # a record from another llmpipe version fails here, in one line
+        if len(runs) > 1:
+            print(f"crawl generation {generation} of {len(runs) - 1}: {', '.join(until)}")
+        summary = _run_flow(args.verbose, config_path=str(config_path), run_dir=str(run_dir), until=until)
     matches = lineage.match_stages(record, run_dir, uri)
     print(f"\n{lineage.format_matches(matches)}")
     print(f"\nMLflow run:    {summary['mlflow_run_id']} in {redact(uri)}")

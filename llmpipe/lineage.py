@@ -22,7 +22,7 @@ from typing import Any
 
 from llmpipe import io
 from llmpipe.config import read_yaml
-from llmpipe.data.crawl import RAW_INPUT_FOLDERS
+from llmpipe.data.crawl import RAW_INPUT_FOLDERS, part_generation
 from llmpipe.errors import UserError
 from llmpipe.redact import redact
 from llmpipe.stages import STAGES, _flatten, get_stage, stage_names
@@ -155,6 +155,22 @@ def reproduction_config(record: RunRecord, warcs: list[Path]) -> dict:
     config["crawl"]["warc_inputs"] = [str(path) for path in warcs]
     config.setdefault("eval", {})["register_model"] = False
     return config
+
+
+def replay(record: RunRecord, warcs: list[Path]) -> list[tuple[dict, list[str]]]:
+    """The flow runs (config, stages to run) that rebuild the record. A refreshed run kept its tokenizer
+    and continued its pretraining from earlier crawl generations: each earlier generation's WARC parts
+    (their warcinfo names it) are given in turn, up to the stages that carry over to the next run, then
+    all of them. This assumes every generation ran with the recorded config."""
+    generations = {path: part_generation(path) if path.parent.name == "warc" else 0 for path in warcs}
+    last = max(generations.values(), default=0)
+    carried = [name for name in record.stages if STAGES[name].kept_on_refresh or STAGES[name].continues_on_refresh]
+    runs = []
+    if record.config.get("crawl", {}).get("refresh", "never") != "never" and carried:
+        for generation in range(last):
+            given = [path for path in warcs if generations[path] <= generation]
+            runs.append((reproduction_config(record, given), carried))
+    return [*runs, (reproduction_config(record, warcs), list(record.stages))]
 
 
 @dataclass

@@ -16,6 +16,7 @@
       <stage>/.timing.json        the wall time of its last run (hidden: not an output)
       .lock                       locked by the run that is writing here (llmpipe/locks.py)
       .continue/pretrain/         a refresh's previous pretraining (manifest, final checkpoint), continued from
+      .cache/extractions.sqlite   the text prepare extracted from each page's HTML so far: a refresh reuses it
       logs/<stage>.log            everything a stage printed or logged (the console shows a summary)
 """
 
@@ -64,6 +65,11 @@ class RunDir:
     @property
     def documents_dir(self) -> Path:
         return self.stage("prepare") / "documents"
+
+    @property
+    def extraction_cache(self) -> Path:
+        """Outside prepare/, which a rerun with other inputs empties; the documents are the same bytes with it or without."""
+        return self.root / ".cache" / "extractions.sqlite"
 
     @property
     def tokenizer_dir(self) -> Path:

@@ -347,7 +347,8 @@ def _fake_data_stages(run_dir, planted: str) -> None:
     documents = run.documents_dir / "00000.jsonl.gz"
     documents.parent.mkdir(parents=True, exist_ok=True)
     documents.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode(), mtime=0))
-    for name, counts in (("crawl", {"pages_fetched": 9}),
+    refresh = {"refresh.new": 1, "refresh.changed": 2, "refresh.unchanged": 6, "refresh.removed": 3}  # a refreshed crawl
+    for name, counts in (("crawl", {"pages_fetched": 9, **refresh}),
                          ("prepare", {"pages_in": 9, "kept_after.language": 8, "kept_after.minhash": 7, "documents": 7})):
         files = {str(p.relative_to(run.stage(name))): {"sha256": io.sha256_file(p)} for p in run.stage(name).rglob("*.gz")}
         io.write_json(run.manifest(name), {"stage": name, "files": files, "fingerprint": f"{name}-fake", "counts": counts,
@@ -382,7 +383,8 @@ def test_eval_reports_every_checkpoint_of_the_graph(eval_run):
     assert 0 <= card["checkpoints"]["reward"]["pairwise_accuracy"] <= 1 and card["checkpoints"]["reward"]["n"] > 0
     assert math.isfinite(card["baselines"]["unigram_bpb"])
     assert card["baselines"]["chance"]["instruct_choice"] == pytest.approx(0.25, abs=0.1)
-    assert card["funnel"] == {"pages_crawled": 9, "pages_extracted": 9, "after_language": 8, "after_minhash": 7,
+    assert card["funnel"] == {"pages_crawled": 9, "pages_new": 1, "pages_changed": 2, "pages_unchanged": 6,
+                              "pages_removed": 3, "pages_extracted": 9, "after_language": 8, "after_minhash": 7,
                               "documents": 7}  # this run's shard stage is a stand-in without counts
     for name in ("pretrain", "sft", "dpo", "reward", "ppo", "instruct"):
         manifest = json.loads(run.manifest(name).read_text())

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
@@ -191,6 +192,29 @@ def test_minhash_dedup_recall_on_planted_duplicates(tmp_path):
     assert all(len(groups[f"group{g}"]) == 1 for g in range(0, 40, 5))  # exact copies all removed
 
 
+def test_of_duplicates_the_one_from_the_earliest_crawl_part_is_kept(tmp_path):
+    """A refresh's new page that copies (exactly or nearly) a page crawled before is the one dropped."""
+    rng = random.Random(1)
+    docs, first = planted_corpus(groups=30, distinct=20), {}
+    for doc in docs:  # of each original and its copy, one at random comes from the older crawl part
+        group = doc["id"].split("-")[0]
+        older = first.setdefault(group, rng.choice(["orig", "copy"])) == ("orig" if doc["id"].endswith("orig") else "copy")
+        doc["metadata"] = {"file_path": f"part-{0 if older else 1:05d}.warc.gz"}
+    _write_jsonl(tmp_path / "in", docs)
+    cfg = PrepareSection(tasks=2, workers=2)
+    deduplicate(cfg, Runner(cfg, tmp_path / "logs"), tmp_path / "in", tmp_path / "out", tmp_path / "data")
+
+    kept: dict[str, list[str]] = {}
+    for path in sorted((tmp_path / "out").glob("*.jsonl.gz")):
+        with gzip.open(path, "rt") as f:
+            for doc in map(json.loads, f):
+                kept.setdefault(doc["id"].split("-")[0], []).append(doc["metadata"]["file_path"])
+    deduplicated = [files for group, files in kept.items() if group.startswith("group") and len(files) == 1]
+    assert len(deduplicated) >= 27  # recall, as above
+    assert all(files == ["part-00000.warc.gz"] for files in deduplicated)
+    assert sum(group.startswith("distinct") for group in kept) == 20
+
+
 def test_exact_dedup_alone_removes_only_identical_texts(tmp_path):
     docs = [{"id": "a", "text": "one two three four five six"}, {"id": "b", "text": "one  two three\nfour five six"},
             {"id": "c", "text": "one two three four five seven"}, {"id": "d", "text": "something else entirely"}]
@@ -311,6 +335,39 @@ def test_prepare_stage_on_a_warc(tmp_path, output_format):
     before = {p.name: p.read_bytes() for p in run_dir.documents_dir.iterdir()}
     assert prepare_stage(ctx, cfg)["documents"] == 4
     assert {p.name: p.read_bytes() for p in run_dir.documents_dir.iterdir()} == before
+
+
+def test_pages_extracted_before_come_from_the_cache_and_make_the_same_documents(tmp_path):
+    import sqlite3
+
+    run_dir = RunDir(tmp_path / "run")
+    write_warc(run_dir.warc_dir / "part-00000.warc.gz", _site_pages())
+    cfg, ctx = PrepareSection(tasks=2, workers=2), _ctx(run_dir)
+    documents = lambda: {p.name: p.read_bytes() for p in run_dir.documents_dir.iterdir()}  # noqa: E731
+
+    def from_scratch() -> dict:  # the bookkeeping and the documents go; the extraction cache stays
+        shutil.rmtree(run_dir.stage("prepare") / ".datatrove")
+        shutil.rmtree(run_dir.documents_dir)
+        return prepare_stage(ctx, cfg)
+
+    first = prepare_stage(ctx, cfg)
+    assert first["timing"]["pages_reused"] == 0 and run_dir.extraction_cache.is_file()
+    written = documents()
+    again = from_scratch()
+    assert again["timing"]["pages_reused"] == again["pages_in"] == 9  # pages with no main text are cached too
+    assert documents() == written
+    assert {k: v for k, v in again.items() if k != "timing"} == {k: v for k, v in first.items() if k != "timing"}
+
+    with sqlite3.connect(run_dir.extraction_cache) as db:  # a damaged entry is not used: the page is extracted again
+        assert db.execute("UPDATE extractions SET text = 'tampered' WHERE text LIKE '%Lorem ipsum%'").rowcount == 1
+    assert from_scratch()["timing"]["pages_reused"] == 8 and documents() == written
+    assert from_scratch()["timing"]["pages_reused"] == 9  # and the entry is repaired
+
+    new_page = ("http://example.test/new.html", _html("New", PROSE[2] + "\n" + PROSE[0]))
+    write_warc(run_dir.warc_dir / "part-00001.warc.gz", [new_page])  # a refresh found one new page
+    refreshed = from_scratch()
+    assert (refreshed["pages_in"], refreshed["timing"]["pages_reused"]) == (10, 9)
+    assert refreshed["documents"] == 5, refreshed
 
 
 @pytest.mark.slow

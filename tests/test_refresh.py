@@ -2,8 +2,9 @@
 conditional requests (ETag, Last-Modified), with the real Prefect flow up to the shards.
 
 Unchanged, the recrawl stores no payload again (revisit records) and every later stage stays cached;
-after one page changed, one went away and a new one copies an old one, exactly the changed page's
-document differs, the removed page is gone, the copy is dropped by dedup and the tokenizer is kept."""
+after one page changed, one went away and two new ones copy old ones (exactly, nearly), exactly the
+changed page's document differs, the removed page is gone, both copies are dropped by dedup, only the
+pages prepare had not seen are extracted and the tokenizer is kept."""
 
 from __future__ import annotations
 
@@ -122,8 +123,8 @@ def test_a_refresh_stores_only_what_changed_and_reruns_only_the_stages_it_change
         shutil.copytree(RunDir(run_dir).stage("pretrain"), old_model, ignore=shutil.ignore_patterns("checkpoints"))
         first = _documents(run_dir)
         kept = sorted(u.removeprefix(site.base[:-1]) for u in first)  # the pages the filters and dedup kept
-        assert "/page0.html" in kept and len(kept) >= 3
-        removed, copied = [path for path in kept if path != "/page0.html"][:2]
+        assert "/page0.html" in kept and len(kept) >= 4
+        removed, copied, nearly_copied = [path for path in kept if path != "/page0.html"][:3]
         manifest = json.loads(RunDir(run_dir).manifest("crawl").read_text())
 
         # the site as it was: conditional requests, 304s, no payload stored again, nothing after the crawl reruns
@@ -139,10 +140,13 @@ def test_a_refresh_stores_only_what_changed_and_reruns_only_the_stages_it_change
         assert refreshed["counts"]["refresh.unchanged"] == manifest["counts"]["pages_fetched"]
         assert refreshed["counts"]["refresh.payload_records"] == manifest["counts"]["refresh.payload_records"]
 
-        # one page changed, one gone, a new one that copies an old page
+        # one page changed, one gone, a new one that copies an old page and one that nearly does
         site.change("/page0.html", pages["/page0.html"].replace(b"</article>", NEWS + b"</article>"))
         del site.pages[removed]
         site.change("/a-copy.html", pages[copied])
+        near = pages[nearly_copied].replace(b"</p>", b" That is all.</p>", 1)
+        assert near != pages[nearly_copied]
+        site.change("/a-near-copy.html", near)
         # the tokenizer is kept (a new one would invalidate every model); the shards are made anew with it, and
         # pretraining goes on from where the last run ended
         last_run = run()
@@ -151,10 +155,11 @@ def test_a_refresh_stores_only_what_changed_and_reruns_only_the_stages_it_change
     finally:
         site.close()
     counts = json.loads(RunDir(run_dir).manifest("crawl").read_text())["counts"]
-    assert (counts["refresh.new"], counts["refresh.changed"], counts["refresh.removed"]) == (1, 2, 1)  # "/" changed too
+    assert (counts["refresh.new"], counts["refresh.changed"], counts["refresh.removed"]) == (2, 2, 1)  # "/" changed too
     after = _documents(run_dir)
     url = site.base[:-1]
     assert url + removed not in after and url + "/a-copy.html" not in after and url + copied in after
+    assert url + "/a-near-copy.html" not in after and url + nearly_copied in after  # MinHash keeps the older page
     assert set(after) == set(first) - {url + removed}
     original = after[url + copied]  # exact dedup kept it, the earlier one, and counts its copy
     assert original["metadata"].pop("duplicate_count") == 1 and first[url + copied]["metadata"].pop("duplicate_count") == 0
@@ -167,8 +172,15 @@ def test_a_refresh_stores_only_what_changed_and_reruns_only_the_stages_it_change
     assert pretrain["counts"]["continued_from_step"] == 4 and pretrain["counts"]["steps"] == 4 + 3
     assert pretrain["inputs"]["continue_from"]
     client = MlflowClient(tracking_uri(run_dir.parent))
-    runs = {tag: client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
-                                    f"tags.`llmpipe.stage` = 'pretrain' and tags.`mlflow.parentRunId` = '{parent}'")[0]
+
+    def stage_run(stage: str, parent: str):
+        return client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
+                                  f"tags.`llmpipe.stage` = '{stage}' and tags.`mlflow.parentRunId` = '{parent}'")[0]
+
+    # prepare extracted only the pages whose HTML it had not seen: the changed page, the index, the near copy
+    prepared = stage_run("prepare", last_run["mlflow_run_id"]).data.metrics
+    assert prepared["pages_reused"] == prepared["pages_in"] - 3
+    runs = {tag: stage_run("pretrain", parent)
             for tag, parent in (("first", first_run["mlflow_run_id"]), ("last", last_run["mlflow_run_id"]))}
     lr = {tag: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/lr")] for tag, run in runs.items()}
     assert [step for step, _ in lr["first"]] == [1, 2, 3, 4] and [step for step, _ in lr["last"]] == [5, 6, 7]
@@ -179,3 +191,10 @@ def test_a_refresh_stores_only_what_changed_and_reruns_only_the_stages_it_change
     before = heldout_metrics(load_release(old_model), val, POST_MODEL["seq_len"], lengths)["loss"]
     after = heldout_metrics(load_release(RunDir(run_dir).stage("pretrain")), val, POST_MODEL["seq_len"], lengths)["loss"]
     assert abs(after - before) < 0.25, (before, after)  # measured: see the README
+
+    # from the record alone: `llmpipe reproduce` replays each crawl generation's WARC parts in turn, so the kept
+    # tokenizer and the continued weights are rebuilt from the corpora they were made from
+    from llmpipe.cli import main
+
+    assert main(["reproduce", last_run["mlflow_run_id"], "--run-dir", str(run_dir.parent / "again"),
+                 "--tracking-uri", tracking_uri(run_dir.parent)]) == 0

@@ -5,6 +5,7 @@ Ray from the config). The work is split into datatrove jobs, each with its own l
 where the executor writes one completion marker per rank, so a rerun skips finished ranks:
 
   1. extract   (tasks)      WarcReader -> Trafilatura [-> WET reader] -> filters -> JSONL   .work/filtered
+                            (pages extracted by an earlier run come from the extraction cache: extract.py)
   2. exact     (tasks, 1, tasks)   ExactDedupSignature, ExactFindDedups, ExactDedupFilter   .work/exact_deduped
   3. minhash   (tasks, buckets, 1) MinhashDedupSignature, MinhashDedupBuckets, MinhashDedupCluster
   4. write     (tasks)      MinhashDedupFilter -> JsonlWriter / ParquetWriter              prepare/documents
@@ -34,8 +35,7 @@ import time
 from pathlib import Path
 
 import fsspec.compression
-from datatrove.data import Document
-from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
+from datatrove.pipeline.dedup import MinhashDedupFilter
 from datatrove.pipeline.dedup.exact_dedup import (
     ExactDedupConfig,
     ExactDedupFilter,
@@ -44,31 +44,21 @@ from datatrove.pipeline.dedup.exact_dedup import (
 )
 from datatrove.pipeline.dedup.minhash import MinhashConfig as DatatroveMinhashConfig
 from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
-from datatrove.pipeline.extractors import Trafilatura
 from datatrove.pipeline.readers import JsonlReader, WarcReader
 from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 from datatrove.utils.hashing import HashConfig
 
 from llmpipe.config import PrepareSection
 from llmpipe.data import filters as F
+from llmpipe.data.dedup import (
+    OldestFirstMinhashCluster,
+    OldestFirstMinhashSignature,
+    first_crawled_first,
+    normalized_text,
+)
+from llmpipe.data.extract import CachedTrafilatura, ExtractionCache
 from llmpipe.errors import MissingInput
 from llmpipe.faults import fault_point
-
-
-def normalized_text(doc: Document) -> str:
-    """What exact dedup compares: the text with all whitespace runs collapsed."""
-    return " ".join(doc.text.split())
-
-
-_PART = re.compile(r"^part-(\d{5})\.warc")
-
-
-def first_crawled_first(doc: Document) -> int:
-    """Exact dedup's priority: of identical documents, the one from the earliest crawl part is kept, so a
-    page a refresh found that copies a page the corpus has is the one dropped (other WARCs: equal)."""
-    match = _PART.match(Path(doc.metadata.get("file_path", "")).name)
-    return 65535 - min(int(match.group(1)), 65533) if match else 1
-
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 _CHARSET = re.compile(r"charset\s*=\s*[\"']?([\w.:-]+)", re.IGNORECASE)
@@ -302,9 +292,11 @@ class Runner:
 
 
 def run_prepare(cfg: PrepareSection, warc_dir: Path, wet_dir: Path | None, documents_dir: Path,
-                work_dir: Path, records: frozenset[str] | None = None) -> dict:
-    """Run the whole prepare pipeline on the WARCs' response records (those in `records`); return counts for the manifest."""
+                work_dir: Path, records: frozenset[str] | None = None, extraction_cache: Path | None = None) -> dict:
+    """Run the whole prepare pipeline on the WARCs' response records (those in `records`); return counts for the
+    manifest. Pages whose HTML is in `extraction_cache` are not extracted again; what is, is added to it."""
     logs, data = work_dir / "logs", work_dir / "data"
+    cache = ExtractionCache(extraction_cache or work_dir / "extractions.sqlite")
     runner = Runner(cfg, logs)
     filter_steps = F.build_filters(cfg)
 
@@ -315,8 +307,8 @@ def run_prepare(cfg: PrepareSection, warc_dir: Path, wet_dir: Path | None, docum
                                              max_page_bytes=cfg.max_page_bytes, records=records),
                      # deduplicate=False: trafilatura's own dedup drops paragraphs it saw in earlier pages of the
                      # same worker, so a page's text would depend on crawl order (the dedup steps do that job)
-                     Trafilatura(favour_precision=cfg.favour_precision, timeout=cfg.extract_timeout_s,
-                                 deduplicate=False)]
+                     CachedTrafilatura(cache.path, data / "extracted_new", favour_precision=cfg.favour_precision,
+                                       timeout=cfg.extract_timeout_s, deduplicate=False)]
     if wet_dir is not None and _has_files(wet_dir, "*.wet*"):
         pipeline.append(RecordShardedWarcReader(str(wet_dir), glob_pattern="*.wet*",
                                                 default_metadata={"source": "wet"}, max_page_bytes=cfg.max_page_bytes))
@@ -328,11 +320,13 @@ def run_prepare(cfg: PrepareSection, warc_dir: Path, wet_dir: Path | None, docum
 
     deduplicate(cfg, runner, data / "filtered", documents_dir, data)
     runner.finish()
+    cache.merge(data / "extracted_new")
     return collect_counts(logs, [name for name, _ in filter_steps], documents_dir, runner.seconds)
 
 
 def deduplicate(cfg: PrepareSection, runner: Runner, input_dir: Path, documents_dir: Path, data: Path) -> None:
-    """Exact dedup, then MinHash (signatures, LSH buckets, clusters, filter), then write the documents."""
+    """Exact dedup, then MinHash (signatures, LSH buckets, clusters, filter), then write the documents; of
+    duplicates, the one from the earliest crawl part is kept (`llmpipe.data.dedup`)."""
     tasks, current = cfg.tasks, input_dir
     if cfg.exact_dedup:
         exact = ExactDedupConfig(content_getter=normalized_text, document_priority=first_crawled_first,
@@ -353,12 +347,13 @@ def deduplicate(cfg: PrepareSection, runner: Runner, input_dir: Path, documents_
                                     hashes_per_bucket=m.hashes_per_bucket, seed=m.seed,
                                     hash_config=HashConfig(precision=64))
         runner.run("minhash_signature", [JsonlReader(str(current)),
-                                         MinhashDedupSignature(str(data / "minhash" / "sigs"), config=mh)], tasks)
+                                         OldestFirstMinhashSignature(str(data / "minhash" / "sigs"), config=mh)], tasks)
         runner.run("minhash_buckets", [MinhashDedupBuckets(str(data / "minhash" / "sigs"),
                                                            str(data / "minhash" / "buckets"), config=mh)],
                    m.num_buckets)
-        runner.run("minhash_cluster", [MinhashDedupCluster(str(data / "minhash" / "buckets"),
-                                                           str(data / "minhash" / "remove"), config=mh)], 1)
+        runner.run("minhash_cluster", [OldestFirstMinhashCluster(str(data / "minhash" / "buckets"),
+                                                                 str(data / "minhash" / "remove"),
+                                                                 str(data / "minhash" / "sigs" / "parts"), config=mh)], 1)
         final.append(MinhashDedupFilter(str(data / "minhash" / "remove")))
     if cfg.output_format == "parquet":
         final.append(ParquetWriter(str(documents_dir), output_filename="${rank}.parquet"))
@@ -379,6 +374,7 @@ def collect_counts(logs: Path, filter_names: list[str], documents_dir: Path, sec
     extract_stats = F.read_stats(logs / "extract_filter")
     counts: dict = {}
     funnel: dict = {}
+    reused = 0
     skipped: dict[str, int] = {}
     for step in extract_stats:  # the readers' pages skipped before extraction, by reason
         for key, metric in step.stats.items():
@@ -387,7 +383,7 @@ def collect_counts(logs: Path, filter_names: list[str], documents_dir: Path, sec
                 skipped[reason] = skipped.get(reason, 0) + int(F.metric_value(metric))
     if skipped:
         counts["pages_skipped"] = dict(sorted(skipped.items()))
-    extractor = _step(extract_stats, Trafilatura.name)
+    extractor = _step(extract_stats, CachedTrafilatura.name)
     if extractor is not None:
         ex = F.step_counts(extractor)
         values = {k: int(F.metric_value(v)) for k, v in extractor.stats.items()}
@@ -397,6 +393,7 @@ def collect_counts(logs: Path, filter_names: list[str], documents_dir: Path, sec
         counts["extract"] = {"in": ex["in"], "kept": ex["kept"], "dropped": ex["in"] - ex["kept"],
                              "reasons": {k: n for k, n in reasons.items() if n}}
         funnel["extracted"] = ex["kept"]
+        reused = values.get("reused", 0)
     filters = F.filter_counts(extract_stats, filter_names)
     for name, c in filters.items():
         funnel[name] = c["kept"]
@@ -412,7 +409,8 @@ def collect_counts(logs: Path, filter_names: list[str], documents_dir: Path, sec
     docs, text_bytes, files = count_documents(documents_dir)
     funnel["written"] = docs
     counts.update({"kept_after": funnel, "documents": docs, "text_bytes": text_bytes, "output_files": files,
-                   "timing": {"timing_s": {k: round(v, 3) for k, v in seconds.items()}}})  # this run's: MLflow only
+                   # this run's, MLflow only: the wall times, and the pages whose text an earlier run extracted
+                   "timing": {"timing_s": {k: round(v, 3) for k, v in seconds.items()}, "pages_reused": reused}})
     return counts
 
 
@@ -446,7 +444,7 @@ def prepare_stage(ctx, cfg: PrepareSection) -> dict:
     work_dir = Path(ctx.out_dir) / ".datatrove" / work_hash(cfg, [warc_dir, wet_dir, pages])
     documents_dir = ctx.run_dir.documents_dir
     records = frozenset(entry["record"] for entry in read_view(pages)) if Path(pages).is_file() else None
-    counts = run_prepare(cfg, warc_dir, wet_dir, documents_dir, work_dir, records)
+    counts = run_prepare(cfg, warc_dir, wet_dir, documents_dir, work_dir, records, ctx.run_dir.extraction_cache)
     counts["executor"] = cfg.executor
     counts["output_format"] = cfg.output_format
     return counts

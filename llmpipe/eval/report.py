@@ -51,12 +51,16 @@ def stage_table(stage_dirs: dict[str, Path]) -> dict:
 
 
 def funnel(stage_dirs: dict[str, Path]) -> dict:
-    """Pages crawled, documents after extraction, each filter and dedup step, then tokens: from the manifests."""
+    """Pages crawled (with `crawl.refresh`: new, changed, unchanged, removed), documents after extraction, each
+    filter and dedup step, then tokens: from the manifests."""
     counts = {name: (_manifest(folder) or {}).get("counts", {}) for name, folder in stage_dirs.items()}
     crawl, prepare, shard = counts.get("crawl", {}), counts.get("prepare", {}), counts.get("shard", {})
     steps: dict[str, float] = {}
     if "pages_fetched" in crawl:
         steps["pages_crawled"] = crawl["pages_fetched"]
+    for change in ("new", "changed", "unchanged", "removed"):  # a refresh's pages against the crawl before it
+        if f"refresh.{change}" in crawl:
+            steps[f"pages_{change}"] = crawl[f"refresh.{change}"]
     if "pages_in" in prepare:
         steps["pages_extracted"] = prepare["pages_in"]
     for key in sorted((k for k in prepare if k.startswith("kept_after.")), key=lambda k: prepare[k], reverse=True):
