@@ -1,7 +1,8 @@
 """Shared fixtures: a small corpus made on this machine, and orchestration settings.
 
 Prefect runs for real (its embedded API, with its SQLite database under the project, created
-once and reused), and MLflow writes a real SQLite store inside each test's run directory.
+once and reused), and MLflow writes a real SQLite store inside each test's run directory (a copy of an empty one
+MLflow made and migrated at the suite's first use: `LLMPIPE_MLFLOW_TEMPLATES`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # its shutdown message races pytest closing stderr
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use the SQLite store inside their tmp dirs
+# ...each a copy of one empty store MLflow migrated once (llmpipe.tracking): ~1.5 s less per store
+os.environ.setdefault("LLMPIPE_MLFLOW_TEMPLATES", str(ROOT / ".pytest_cache" / "mlflow-templates"))
 
 CORPUS_MODULES = ["json", "textwrap", "argparse", "shutil", "pathlib", "heapq", "bisect", "csv",
                   "string", "fractions", "statistics", "dataclasses", "functools", "itertools", "collections"]

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from llmpipe.locks import RunDirBusy, run_lock
-from llmpipe.tracking import EXPERIMENT
+from llmpipe.tracking import EXPERIMENT, TEMPLATES_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = "import sys, time\nfrom llmpipe.locks import run_lock\nwith run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n"
@@ -49,9 +49,13 @@ def test_a_run_on_a_busy_directory_stops_and_a_killed_run_leaves_it_free(tmp_pat
         assert (run_dir / ".lock").is_file()
 
 
-def test_two_runs_on_other_directories_share_a_fresh_mlflow_store(tmp_path, corpus_dir):
+@pytest.mark.parametrize("templates", ["none", "new"])  # MLflow's migrations, or a copy of a store it migrated
+def test_two_runs_on_other_directories_share_a_fresh_mlflow_store(tmp_path, corpus_dir, templates):
     uri = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop(TEMPLATES_ENV, None)  # the suite's own (conftest), already made
+    if templates == "new":
+        env[TEMPLATES_ENV] = str(tmp_path / "templates")  # the two runs race to make it
     runs = [subprocess.Popen([sys.executable, "-m", "llmpipe.cli", "tokenizer", "--config", "configs/tiny.yaml",
                               "--run-dir", str(tmp_path / name), "--set", f"tokenizer.input={corpus_dir}",
                               "--set", "tokenizer.vocab_size=300"], cwd=ROOT, env=env,
@@ -63,3 +67,4 @@ def test_two_runs_on_other_directories_share_a_fresh_mlflow_store(tmp_path, corp
     recorded = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.tags["llmpipe.run"] for r in recorded) == ["tiny", "tiny"]
     assert {r.info.status for r in recorded} == {"FINISHED"}
+    assert len(list((tmp_path / "templates").glob("mlflow-*.db"))) == (templates == "new")
